@@ -1,0 +1,126 @@
+"""WebSocket ``/ws/chat/``: many generations per socket, each with a client-chosen id.
+
+The protocol is in ``docs/websocket.md``. A bad frame gets an error frame and the socket stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from consumers.jobs import GenerationJob
+from tripod.conf import config
+from tripod.errors import APIError, InvalidRequest
+from tripod.protocol import parse_chat_request, parse_completion_request
+
+MAX_ID_LENGTH = 128
+_FRAME_FIELDS = frozenset({"type", "id"})
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    """Runs each request frame as its own task, so that requests on one socket overlap."""
+
+    async def connect(self) -> None:
+        self.jobs: dict[str, tuple[asyncio.Task, GenerationJob | None]] = {}
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        # Nobody is left to read: stop every generation this socket started.
+        tasks = [task for task, _ in self.jobs.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def send_json(self, payload: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(payload, separators=(",", ":")))
+
+    async def send_error(self, request_id: Any, error: APIError) -> None:
+        await self.send_json({"type": "error", "id": request_id, **error.to_dict()})
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        request_id = None
+        try:
+            if text_data is None:
+                raise InvalidRequest("Frames must be JSON text, not binary.", code="invalid_frame")
+            try:
+                frame = json.loads(text_data)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequest(f"The frame is not valid JSON: {exc}", code="invalid_json") from None
+            if not isinstance(frame, dict):
+                raise InvalidRequest("A frame must be a JSON object.", code="invalid_frame")
+            request_id = frame.get("id")
+            await self.handle_frame(frame)
+        except APIError as error:
+            await self.send_error(request_id, error)
+
+    async def handle_frame(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        request_id = frame.get("id")
+        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool) or len(str(request_id)) > MAX_ID_LENGTH:
+            raise InvalidRequest(
+                f"Every frame needs an 'id' (a string or integer of at most {MAX_ID_LENGTH} characters).",
+                param="id",
+                code="invalid_id",
+            )
+        key = str(request_id)
+        if kind == "cancel":
+            entry = self.jobs.get(key)
+            if entry is None:
+                raise InvalidRequest(f"No request with id {request_id!r} is running.", param="id", code="unknown_id")
+            job = entry[1]
+            if job is not None:
+                await job.cancel()
+            else:
+                entry[0].cancel()
+            return
+        body = {k: v for k, v in frame.items() if k not in _FRAME_FIELDS}
+        if kind == "chat":
+            request = parse_chat_request(body, max_messages=config().max_messages)
+        elif kind == "completion":
+            request = parse_completion_request(body)
+        else:
+            raise InvalidRequest(
+                "'type' must be 'chat', 'completion' or 'cancel'.", param="type", code="invalid_frame"
+            )
+        if key in self.jobs:
+            raise InvalidRequest(f"A request with id {request_id!r} is already running.", param="id", code="duplicate_id")
+        limit = config().ws_max_inflight
+        if len(self.jobs) >= limit:
+            raise APIError(
+                f"At most {limit} requests may run at once on one socket.",
+                param="id",
+                code="too_many_requests",
+                status=429,
+                type="rate_limit_error",
+            )
+        job = GenerationJob(request)  # resolves the model: an unknown one raises here
+        task = asyncio.create_task(self.run_job(request_id, job))
+        self.jobs[key] = (task, job)
+        task.add_done_callback(lambda _: self.jobs.pop(key, None))
+
+    async def run_job(self, request_id: Any, job: GenerationJob) -> None:
+        """Frames for one request: start, deltas, done (or error)."""
+        async with job:
+            try:
+                await job.start()
+                await self.send_json(
+                    {"type": "start", "id": request_id, "model": job.model, "prompt_tokens": job.prompt_tokens}
+                )
+                seq = 0
+                async for delta in job.deltas():
+                    if delta is not None and delta.text:
+                        await self.send_json({"type": "delta", "id": request_id, "text": delta.text, "tokens": delta.tokens, "seq": seq})
+                        seq += 1
+                await self.send_json(
+                    {
+                        "type": "done",
+                        "id": request_id,
+                        "finish_reason": "cancelled" if job.cancelled else job.finish_reason,
+                        "usage": job.usage,
+                    }
+                )
+            except APIError as error:
+                await self.send_error(request_id, error)

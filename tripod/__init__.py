@@ -1,0 +1,1 @@
+"""AI Tripod: serve Hugging Face language models from a Django Channels project."""

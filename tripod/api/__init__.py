@@ -1,0 +1,1 @@
+"""The OpenAI-compatible REST API (Django REST framework)."""

@@ -1,0 +1,104 @@
+"""OpenAI-compatible endpoints. Non-streaming answers come from these DRF views; ``stream: true``
+answers with the SSE response of :mod:`consumers.sse`, whose body runs on the event loop."""
+
+from __future__ import annotations
+
+import time
+
+from asgiref.sync import async_to_sync
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from consumers import sse
+from consumers.jobs import GenerationJob, served_models
+from tripod.conf import config
+from tripod.errors import APIError, ModelNotFound
+from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request
+from tripod.responses import completion
+
+_STARTED = int(time.time())
+
+
+def _content_length(request: Request) -> None:
+    declared = request.META.get("CONTENT_LENGTH")
+    limit = config().max_body_bytes
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(f"The request body is larger than {limit} bytes.", code="request_too_large", status=413)
+
+
+async def _complete(job: GenerationJob) -> dict:
+    async with job:
+        text = await job.result()
+    return completion(
+        job.request.kind,
+        model=job.model,
+        text=text,
+        finish_reason=job.finish_reason,
+        usage=job.usage,
+    )
+
+
+async def _start(job: GenerationJob) -> None:
+    try:
+        await job.start()
+    except BaseException:
+        await job.close()
+        raise
+
+
+class GenerationView(APIView):
+    """Shared by chat and text completions: validate, submit, answer in one piece or as SSE."""
+
+    def parse(self, data) -> GenerationRequest:
+        raise NotImplementedError
+
+    def post(self, request: Request) -> Response:
+        _content_length(request)
+        generation = self.parse(request.data)
+        job = GenerationJob(generation)
+        if generation.stream:
+            async_to_sync(_start)(job)
+            return sse.streaming_response(job)
+        return Response(async_to_sync(_complete)(job))
+
+
+class ChatCompletionsView(GenerationView):
+    """``POST /v1/chat/completions`` (and the seed's ``/api/chat/completions``)."""
+
+    def parse(self, data) -> GenerationRequest:
+        return parse_chat_request(data, max_messages=config().max_messages)
+
+
+class CompletionsView(GenerationView):
+    """``POST /v1/completions``: a raw prompt, no chat template."""
+
+    def parse(self, data) -> GenerationRequest:
+        return parse_completion_request(data)
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "tripod"}
+
+
+class ModelListView(APIView):
+    """``GET /v1/models``."""
+
+    def get(self, request: Request) -> Response:
+        return Response({"object": "list", "data": [_model_card(name) for name in served_models()]})
+
+
+class ModelDetailView(APIView):
+    """``GET /v1/models/<id>``."""
+
+    def get(self, request: Request, model: str) -> Response:
+        if model not in served_models():
+            raise ModelNotFound(model)
+        return Response(_model_card(model))
+
+
+class HealthView(APIView):
+    """``GET /healthz``: the process is up and answering."""
+
+    def get(self, request: Request) -> Response:
+        return Response({"status": "ok"})

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class TripodConfig(AppConfig):
+    name = "tripod"
+    verbose_name = "AI Tripod"

@@ -1,0 +1,15 @@
+"""ASGI entry point: ``daphne tripod.asgi:application``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
+# routing.py sits at the project root, next to manage.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from routing import application  # noqa: E402
+
+__all__ = ["application"]

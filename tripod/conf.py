@@ -1,0 +1,81 @@
+"""Tripod's settings, typed and read once.
+
+Configuration comes from the environment through ``settings.TRIPOD``; for example::
+
+    TRIPOD_MODEL=Qwen/Qwen2.5-0.5B-Instruct TRIPOD_ENGINE=hf TRIPOD_SLOTS=8 python manage.py runserver
+
+Code reads ``config()``; tests that change ``settings.TRIPOD`` get a fresh object.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from django.conf import settings
+from django.core.signals import setting_changed
+
+JOB_CHANNEL_PREFIX = "tripod.generate."
+WORKERS_GROUP = "tripod.workers"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every Tripod knob with its type; defaults live in ``tripod/settings.py``."""
+
+    model: str
+    served_model_name: str
+    engine: str
+    device: str
+    dtype: str
+    slots: int
+    cache_dir: Path
+    max_body_bytes: int
+    max_messages: int
+    queue_timeout: float
+    event_timeout: float
+    engine_step_timeout: float
+    sse_keepalive: float
+    ws_max_inflight: int
+
+    @property
+    def job_channel(self) -> str:
+        return job_channel_for(self.served_model_name)
+
+
+def job_channel_for(model_name: str) -> str:
+    """The channel layer name that workers of ``model_name`` pull jobs from."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "-", model_name)[:80]
+    return JOB_CHANNEL_PREFIX + slug
+
+
+@cache
+def config() -> Config:
+    raw = settings.TRIPOD
+    model = raw["MODEL"]
+    return Config(
+        model=model,
+        served_model_name=raw.get("SERVED_MODEL_NAME") or model,
+        engine=raw["ENGINE"],
+        device=raw["DEVICE"],
+        dtype=raw["DTYPE"],
+        slots=int(raw["SLOTS"]),
+        cache_dir=Path(raw["CACHE_DIR"]).expanduser(),
+        max_body_bytes=int(raw["MAX_BODY_BYTES"]),
+        max_messages=int(raw["MAX_MESSAGES"]),
+        queue_timeout=float(raw["QUEUE_TIMEOUT"]),
+        event_timeout=float(raw["EVENT_TIMEOUT"]),
+        engine_step_timeout=float(raw["ENGINE_STEP_TIMEOUT"]),
+        sse_keepalive=float(raw["SSE_KEEPALIVE"]),
+        ws_max_inflight=int(raw["WS_MAX_INFLIGHT"]),
+    )
+
+
+def _reset(*, setting: str, **kwargs) -> None:
+    if setting == "TRIPOD":
+        config.cache_clear()
+
+
+setting_changed.connect(_reset)

@@ -1,0 +1,223 @@
+"""The engine contract every backend implements (the seed's ``ChatModel``).
+
+An engine turns a prompt into a stream of text deltas. Stop sequences, finish reasons and the
+OpenAI response shape are handled here once, so that engines only produce tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tripod.engines.text import StopMatcher
+from tripod.protocol import SamplingParams
+from tripod.responses import chat_completion
+
+Prompt = list[dict[str, Any]] | str
+
+# Engine name -> module that defines it; imported on first use so that heavy imports stay lazy.
+ENGINE_MODULES = {"hf": "tripod.engines.hf"}
+
+
+@dataclass
+class Delta:
+    """A piece of generated text and how many tokens produced it."""
+
+    text: str
+    tokens: int
+
+
+@dataclass
+class GenerationRecord:
+    """What one finished generation did; kept so that tests and operators can watch the engine."""
+
+    id: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    cancelled: bool
+    steps_after_cancel: int
+    finished_at: float = field(default_factory=time.monotonic)
+
+
+class RawGeneration:
+    """An engine's token stream for one request, before the text layer (stop sequences) sees it.
+
+    Engines subclass it: iterate to get :class:`Delta` objects, ``cancel()`` from any thread stops the
+    work within one decode step, ``eos`` says whether the model ended the text itself.
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    eos: bool = False
+    steps_after_cancel: int = 0
+
+    def __init__(self) -> None:
+        self.cancel_event = threading.Event()
+
+    def __iter__(self) -> Iterator[Delta]:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def close(self) -> None:
+        """Release the engine's resources for this request (wait for its thread, free its slot)."""
+
+
+class TokenStream:
+    """One generation as the server sees it: deltas with stop sequences applied, then a finish reason."""
+
+    def __init__(self, raw: RawGeneration, params: SamplingParams, max_tokens: int, on_finish=None) -> None:
+        self.id = uuid.uuid4().hex
+        self.raw = raw
+        self.params = params
+        self.max_tokens = max_tokens
+        self.finish_reason: str | None = None
+        self._stops = StopMatcher(params.stop)
+        self._on_finish = on_finish
+        self._finished = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.raw.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.raw.completion_tokens
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def cancel(self) -> None:
+        """Stop generating; safe from any thread."""
+        self.raw.cancel()
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            pending_tokens = 0
+            for delta in self.raw:
+                text = self._stops.feed(delta.text)
+                pending_tokens += delta.tokens
+                if text:
+                    yield Delta(text, pending_tokens)
+                    pending_tokens = 0
+                if self._stops.stopped:
+                    self.raw.cancel()
+                    self.finish_reason = "stop"
+                    break
+            else:
+                tail = self._stops.flush()
+                if tail or pending_tokens:
+                    yield Delta(tail, pending_tokens)
+                if self.raw.cancel_event.is_set():
+                    self.finish_reason = None
+                elif self.raw.eos:
+                    self.finish_reason = "stop"
+                else:
+                    self.finish_reason = "length"
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.raw.close()
+        if self._on_finish is not None:
+            self._on_finish(self)
+
+
+class ChatModel:
+    """A language model behind one engine.
+
+    ``ChatModel(engine="hf", model_name="tiny")`` builds the engine's subclass; use
+    :func:`tripod.engines.get_chat_model` for the shared, lazily loaded instance.
+    """
+
+    engine: ClassVar[str] = ""
+    default_slots: ClassVar[int] = 1
+    registry: ClassVar[dict[str, type[ChatModel]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.engine:
+            ChatModel.registry[cls.engine] = cls
+
+    def __new__(cls, engine: str | None = None, model_name: str | None = None, **kwargs: Any):
+        if cls is ChatModel:
+            from tripod.engines import engine_class
+
+            cls = engine_class(engine)
+        return super().__new__(cls)
+
+    def __init__(self, engine: str | None = None, model_name: str | None = None, **options: Any) -> None:
+        self.model_name = model_name
+        self.options = options
+        self.context_length = 0
+        self.history: deque[GenerationRecord] = deque(maxlen=256)
+        self._active: dict[str, TokenStream] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether the engine is loaded and able to take requests."""
+        return False
+
+    @property
+    def active_generations(self) -> int:
+        return len(self._active)
+
+    def load(self) -> None:
+        """Load weights; called once by the factory, off the event loop."""
+
+    def start(self, prompt: Prompt, params: SamplingParams) -> TokenStream:
+        """Tokenize ``prompt``, check it against the context, and return a cancellable stream."""
+        raw, max_tokens = self._start_raw(prompt, params)
+        stream = TokenStream(raw, params, max_tokens, on_finish=self._record)
+        with self._lock:
+            self._active[stream.id] = stream
+        return stream
+
+    def _start_raw(self, prompt: Prompt, params: SamplingParams) -> tuple[RawGeneration, int]:
+        raise NotImplementedError
+
+    def _record(self, stream: TokenStream) -> None:
+        with self._lock:
+            self._active.pop(stream.id, None)
+        self.history.append(
+            GenerationRecord(
+                id=stream.id,
+                prompt_tokens=stream.prompt_tokens,
+                completion_tokens=stream.completion_tokens,
+                finish_reason=stream.finish_reason,
+                cancelled=stream.raw.cancel_event.is_set() and stream.finish_reason is None,
+                steps_after_cancel=stream.raw.steps_after_cancel,
+            )
+        )
+
+    def generate(self, messages_or_prompt: Prompt, **params: Any) -> dict[str, Any]:
+        """Run one request to the end and return an OpenAI ``chat.completion`` dict."""
+        sampling = params.pop("sampling", None) or SamplingParams(**params)
+        stream = self.start(messages_or_prompt, sampling)
+        text = "".join(delta.text for delta in stream)
+        return chat_completion(
+            model=self.model_name or "",
+            text=text,
+            finish_reason=stream.finish_reason,
+            usage=stream.usage(),
+        )
+
+    def stream(self, messages_or_prompt: Prompt, **params: Any) -> TokenStream:
+        """The streaming method of the contract: iterate for deltas, ``cancel()`` to stop."""
+        sampling = params.pop("sampling", None) or SamplingParams(**params)
+        return self.start(messages_or_prompt, sampling)

@@ -1,0 +1,248 @@
+"""The transformers engine: one ``generate`` call per request, on its own thread.
+
+``generate`` runs on a thread and feeds a ``TextIteratorStreamer``; the reader waits at most
+``engine_step_timeout`` for each piece, so a ``generate`` that crashes or hangs never hangs a client.
+A ``StoppingCriteria`` tied to the request's cancel event stops the model within one decode step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jinja2
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from tripod.engines.base import ChatModel, Delta, Prompt, RawGeneration
+from tripod.engines.sampling import build_logits_processors
+from tripod.engines.tiny import resolve_model_path
+from tripod.errors import ContextLengthExceeded, EngineFailure, InvalidRequest
+from tripod.protocol import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+class _Failure:
+    """Put on the streamer's queue by the generate thread when ``generate`` raises."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class CountingStreamer(TextIteratorStreamer):
+    """A ``TextIteratorStreamer`` that also counts tokens, sees EOS, and carries generate's errors."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], timeout: float) -> None:
+        super().__init__(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
+        self.eos_ids = eos_ids
+        self.generated = 0
+        self.saw_eos = False
+        self._pending = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt:
+            tokens = value.reshape(-1).tolist()
+            self.generated += len(tokens)
+            self._pending += len(tokens)
+            if tokens and tokens[-1] in self.eos_ids:
+                self.saw_eos = True
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text or stream_end:
+            self.text_queue.put((text, self._pending), timeout=self.timeout)
+            self._pending = 0
+        if stream_end:
+            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+
+    def fail(self, exc: BaseException) -> None:
+        self.text_queue.put(_Failure(exc))
+
+    def __next__(self) -> tuple[str, int]:
+        try:
+            value = self.text_queue.get(timeout=self.timeout)
+        except queue.Empty:
+            raise EngineFailure(
+                f"The engine produced nothing for {self.timeout:g} s.", code="engine_timeout"
+            ) from None
+        if value is self.stop_signal:
+            raise StopIteration
+        if isinstance(value, _Failure):
+            raise EngineFailure(f"The engine failed: {value.exc}", code="engine_error") from value.exc
+        return value
+
+
+class CancelCriteria(StoppingCriteria):
+    """Ends ``generate`` at the next step once the request is cancelled; counts the steps it took."""
+
+    def __init__(self, generation: HFGeneration) -> None:
+        self.generation = generation
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        cancelled = self.generation.cancel_event.is_set()
+        if cancelled:
+            self.generation.steps_after_cancel += 1
+        return torch.full((input_ids.shape[0],), cancelled, dtype=torch.bool, device=input_ids.device)
+
+
+class HFGeneration(RawGeneration):
+    """One request's ``generate`` thread and the streamer that reads it."""
+
+    def __init__(self, model: HFChatModel, input_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
+        super().__init__()
+        self.prompt_tokens = len(input_ids)
+        self.streamer = CountingStreamer(model.tokenizer, model.eos_ids, model.step_timeout)
+        device = model.device
+        ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+        generation_config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            # Sampling is done by our processors (per-request seeded), so generate itself stays greedy
+            # and the model's own sampling defaults never leak into a request.
+            do_sample=False,
+            num_beams=1,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=50,
+            repetition_penalty=1.0,
+            eos_token_id=sorted(model.eos_ids),
+            pad_token_id=model.pad_id,
+        )
+        if params.ignore_eos:
+            generation_config.min_new_tokens = max_new_tokens
+        self._kwargs = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=generation_config,
+            logits_processor=build_logits_processors(params, len(input_ids), device),
+            stopping_criteria=StoppingCriteriaList([CancelCriteria(self)]),
+            streamer=self.streamer,
+        )
+        self._model = model.model
+        self._thread = threading.Thread(target=self._run, name="tripod-hf-generate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._model.generate(**self._kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the reader
+            logger.exception("generate failed")
+            self.streamer.fail(exc)
+        finally:
+            self._kwargs = {}
+
+    @property
+    def completion_tokens(self) -> int:  # type: ignore[override]
+        return self.streamer.generated
+
+    @property
+    def eos(self) -> bool:  # type: ignore[override]
+        return self.streamer.saw_eos
+
+    def __iter__(self) -> Iterator[Delta]:
+        for text, tokens in self.streamer:
+            yield Delta(text, tokens)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.cancel()
+            self._thread.join(timeout=self.streamer.timeout)
+
+
+class HFChatModel(ChatModel):
+    """``AutoTokenizer`` + ``AutoModelForCausalLM``: GPU and bf16 when there is one, else CPU float32."""
+
+    engine = "hf"
+    default_slots = 4
+
+    def __init__(self, engine: str | None = None, model_name: str | None = None, **options: Any) -> None:
+        super().__init__(engine, model_name, **options)
+        self.model = None
+        self.tokenizer = None
+        self.path = options.get("path") or model_name
+        self.device = pick_device(options.get("device", "auto"))
+        self.dtype = pick_dtype(options.get("dtype", "auto"), self.device)
+        self.step_timeout = float(options.get("step_timeout", 60.0))
+        self.cache_dir = options.get("cache_dir")
+
+    @property
+    def can_generate(self) -> bool:
+        return self.model is not None
+
+    def load(self) -> None:
+        path = resolve_model_path(self.path, self.cache_dir) if self.cache_dir else self.path
+        logger.info("loading %s from %s on %s (%s)", self.model_name, path, self.device, self.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        self.model = model.to(self.device).eval()
+        config = self.model.config
+        self.context_length = int(
+            getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length or 2048
+        )
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Apply the chat template to messages, or tokenize a raw prompt."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            # An empty prompt still needs a first position: start from the end-of-text token, as OpenAI does.
+            return ids or [self.pad_id]
+        if not self.tokenizer.chat_template:
+            raise InvalidRequest(
+                f"The model '{self.model_name}' has no chat template; use /v1/completions.",
+                param="messages",
+                code="no_chat_template",
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        except jinja2.TemplateError as exc:
+            raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _start_raw(self, prompt: Prompt, params: SamplingParams) -> tuple[RawGeneration, int]:
+        ids = self.encode(prompt)
+        param = "prompt" if isinstance(prompt, str) else "messages"
+        room = self.context_length - len(ids)
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens. "
+                f"However, your {param} resulted in {len(ids)} tokens.",
+                param=param,
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the {param}, {params.max_tokens} in the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                param="max_tokens",
+            )
+        max_new_tokens = params.max_tokens if params.max_tokens is not None else room
+        return HFGeneration(self, ids, params, max_new_tokens), max_new_tokens

@@ -1,0 +1,376 @@
+"""OpenAI request bodies, validated once at the edge into typed objects the inside trusts.
+
+Every rejection names the field at fault (``param``) the way OpenAI does, e.g. ``messages[2].role``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from tripod.errors import InvalidRequest
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_STOP_SEQUENCES = 4
+MAX_TOKENS_LIMIT = 1 << 31
+SEED_MODULUS = 1 << 63
+
+# Accepted and ignored: they change nothing about the generated text.
+_IGNORED_FIELDS = {
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "safety_identifier",
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop; ``max_tokens=None`` means "up to the context length"."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_message(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stop"] = list(self.stop)
+        return data
+
+    @classmethod
+    def from_message(cls, data: dict[str, Any]) -> SamplingParams:
+        return cls(**{**data, "stop": tuple(data.get("stop") or ())})
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated chat or text completion request."""
+
+    kind: Literal["chat", "completion"]
+    model: str | None
+    params: SamplingParams
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_number(value):
+        raise InvalidRequest(f"'{name}' must be a number, got {type(value).__name__}.", param=name, code="invalid_type")
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g}, got {value!r}.", param=name, code="invalid_value")
+    return float(value)
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be a boolean, got {type(value).__name__}.", param=name, code="invalid_type")
+    return value
+
+
+def _max_tokens(body: dict, default: int | None) -> int | None:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise InvalidRequest(f"'{name}' must be an integer, got {type(value).__name__}.", param=name, code="invalid_type")
+    if value < 1:
+        raise InvalidRequest(f"'{name}' must be at least 1, got {value}.", param=name, code="invalid_value")
+    if value >= MAX_TOKENS_LIMIT:
+        raise InvalidRequest(f"'{name}' is too large: {value}.", param=name, code="invalid_value")
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise InvalidRequest("'stop' must be a string or a list of strings.", param="stop", code="invalid_type")
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(
+            f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences, got {len(value)}.", param="stop", code="invalid_value"
+        )
+    if any(s == "" for s in value):
+        raise InvalidRequest("'stop' sequences must not be empty.", param="stop", code="invalid_value")
+    return tuple(dict.fromkeys(value))
+
+
+def _seed(body: dict) -> int | None:
+    value = body.get("seed")
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise InvalidRequest(f"'seed' must be an integer, got {type(value).__name__}.", param="seed", code="invalid_type")
+    if not -(1 << 63) <= value < (1 << 64):
+        raise InvalidRequest("'seed' must fit in 64 bits.", param="seed", code="invalid_value")
+    return value % SEED_MODULUS
+
+
+def _sampling(body: dict, *, default_max_tokens: int | None) -> SamplingParams:
+    top_k = body.get("top_k")
+    if top_k is None:
+        top_k = 0
+    elif not _is_int(top_k) or top_k < -1:
+        raise InvalidRequest("'top_k' must be an integer >= -1 (0 or -1 disables it).", param="top_k", code="invalid_value")
+    return SamplingParams(
+        max_tokens=_max_tokens(body, default_max_tokens),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=max(top_k, 0),
+        stop=_stop(body),
+        seed=_seed(body),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        ignore_eos=_bool(body, "ignore_eos"),
+    )
+
+
+def _reject_unsupported(body: dict, known: set[str]) -> None:
+    """Refuse what we would otherwise silently ignore: the client would get something it did not ask for."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        if not _is_int(n) or n < 1:
+            raise InvalidRequest("'n' must be a positive integer.", param="n", code="invalid_value")
+        raise InvalidRequest("Only n=1 is supported.", param="n", code="unsupported_value")
+    for name in ("logprobs", "echo"):
+        if body.get(name) not in (None, False, 0):
+            raise InvalidRequest(f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
+    for name in ("top_logprobs", "suffix"):
+        if body.get(name) is not None:
+            raise InvalidRequest(f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
+    if body.get("best_of") not in (None, 1):
+        raise InvalidRequest("Only best_of=1 is supported.", param="best_of", code="unsupported_value")
+    if body.get("logit_bias") not in (None, {}):
+        raise InvalidRequest("'logit_bias' is not supported by this server.", param="logit_bias", code="unsupported_parameter")
+    if body.get("tools") not in (None, []) or body.get("functions") not in (None, []):
+        param = "tools" if body.get("tools") not in (None, []) else "functions"
+        raise InvalidRequest("Tool calling is not supported by this server.", param=param, code="unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise InvalidRequest(
+            "Only response_format {'type': 'text'} is supported.", param="response_format", code="unsupported_value"
+        )
+    unknown = sorted(set(body) - known - _IGNORED_FIELDS)
+    if unknown:
+        raise InvalidRequest(
+            f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_parameter"
+        )
+
+
+_COMMON_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "seed",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "ignore_eos",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "logit_bias",
+}
+_CHAT_FIELDS = _COMMON_FIELDS | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+
+
+def _text_content(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise InvalidRequest(
+                    f"Content part of type '{kind}' is not supported; only text parts are.",
+                    param=f"{param}[{j}]",
+                    code="unsupported_value",
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequest("A text content part needs a string 'text'.", param=f"{param}[{j}].text", code="invalid_type")
+            texts.append(text)
+        return "".join(texts)
+    raise InvalidRequest("'content' must be a string or a list of content parts.", param=param, code="invalid_type")
+
+
+def parse_messages(value: Any, max_messages: int) -> list[dict[str, Any]]:
+    """Validate OpenAI chat messages into the plain dicts chat templates expect."""
+    if value is None:
+        raise InvalidRequest("'messages' is required.", param="messages", code="missing_required_parameter")
+    if not isinstance(value, list):
+        raise InvalidRequest("'messages' must be a list of message objects.", param="messages", code="invalid_type")
+    if not value:
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages", code="invalid_value")
+    if len(value) > max_messages:
+        raise InvalidRequest(
+            f"'messages' has {len(value)} messages; the limit is {max_messages}.", param="messages", code="too_many_messages"
+        )
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"'{where}' must be an object.", param=where, code="invalid_type")
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(
+                f"'{where}.role' must be one of {sorted(ROLES)}, got {role!r}.", param=f"{where}.role", code="invalid_value"
+            )
+        content = message.get("content")
+        out: dict[str, Any] = {"role": "system" if role == "developer" else role}
+        if content is None:
+            if not (role == "assistant" and message.get("tool_calls")):
+                raise InvalidRequest(f"'{where}.content' is required.", param=f"{where}.content", code="missing_required_parameter")
+            out["content"] = ""
+        else:
+            out["content"] = _text_content(content, f"{where}.content")
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise InvalidRequest(f"'{where}.name' must be a string.", param=f"{where}.name", code="invalid_type")
+            out["name"] = name
+        if role == "tool":
+            tool_call_id = message.get("tool_call_id")
+            if not isinstance(tool_call_id, str):
+                raise InvalidRequest(
+                    f"'{where}.tool_call_id' is required for tool messages.",
+                    param=f"{where}.tool_call_id",
+                    code="missing_required_parameter",
+                )
+            out["tool_call_id"] = tool_call_id
+        if role == "assistant" and message.get("tool_calls") is not None:
+            tool_calls = message["tool_calls"]
+            if not isinstance(tool_calls, list):
+                raise InvalidRequest(f"'{where}.tool_calls' must be a list.", param=f"{where}.tool_calls", code="invalid_type")
+            out["tool_calls"] = tool_calls
+        messages.append(out)
+    return messages
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise InvalidRequest(
+            "'stream_options' is only allowed when 'stream' is true.", param="stream_options", code="invalid_value"
+        )
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options", code="invalid_type")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise InvalidRequest(
+            "'stream_options.include_usage' must be a boolean.", param="stream_options.include_usage", code="invalid_type"
+        )
+    return stream, include_usage
+
+
+def _model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string.", param="model", code="invalid_type")
+    return model or None
+
+
+def _require_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+    return body
+
+
+def parse_chat_request(body: Any, *, max_messages: int, extra_fields: frozenset[str] = frozenset()) -> GenerationRequest:
+    """Validate a ``POST /v1/chat/completions`` body (or a WebSocket ``chat`` frame)."""
+    body = _require_object(body)
+    _reject_unsupported(body, _CHAT_FIELDS | extra_fields)
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise InvalidRequest("Tool calling is not supported by this server.", param="tool_choice", code="unsupported_parameter")
+    messages = parse_messages(body.get("messages"), max_messages)
+    stream, include_usage = _stream_flags(body)
+    return GenerationRequest(
+        kind="chat",
+        model=_model(body),
+        params=_sampling(body, default_max_tokens=None),
+        messages=messages,
+        stream=stream,
+        include_usage=include_usage,
+        user=body.get("user") if isinstance(body.get("user"), str) else None,
+    )
+
+
+# OpenAI's legacy completions endpoint defaults to 16 new tokens.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+def parse_completion_request(body: Any, *, extra_fields: frozenset[str] = frozenset()) -> GenerationRequest:
+    """Validate a ``POST /v1/completions`` body (or a WebSocket ``completion`` frame)."""
+    body = _require_object(body)
+    _reject_unsupported(body, _COMPLETION_FIELDS | extra_fields)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is None:
+        raise InvalidRequest("'prompt' is required.", param="prompt", code="missing_required_parameter")
+    if not isinstance(prompt, str):
+        raise InvalidRequest(
+            "'prompt' must be a string (or a list holding one string).", param="prompt", code="invalid_type"
+        )
+    stream, include_usage = _stream_flags(body)
+    return GenerationRequest(
+        kind="completion",
+        model=_model(body),
+        params=_sampling(body, default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS),
+        prompt=prompt,
+        stream=stream,
+        include_usage=include_usage,
+        user=body.get("user") if isinstance(body.get("user"), str) else None,
+    )
