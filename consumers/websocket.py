@@ -24,7 +24,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     """Runs each request frame as its own task, so that requests on one socket overlap."""
 
     async def connect(self) -> None:
-        self.jobs: dict[str, tuple[asyncio.Task, GenerationJob | None]] = {}
+        self.jobs: dict[str, tuple[asyncio.Task, GenerationJob]] = {}
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
@@ -59,7 +59,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def handle_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         request_id = frame.get("id")
-        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool) or len(str(request_id)) > MAX_ID_LENGTH:
+        if (
+            not isinstance(request_id, (str, int))
+            or isinstance(request_id, bool)
+            or len(str(request_id)) > MAX_ID_LENGTH
+        ):
             raise InvalidRequest(
                 f"Every frame needs an 'id' (a string or integer of at most {MAX_ID_LENGTH} characters).",
                 param="id",
@@ -70,11 +74,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             entry = self.jobs.get(key)
             if entry is None:
                 raise InvalidRequest(f"No request with id {request_id!r} is running.", param="id", code="unknown_id")
-            job = entry[1]
-            if job is not None:
-                await job.cancel()
+            task, job = entry
+            if job.control_channel is None:
+                # No worker has admitted it yet: drop it here (closing the job tells every worker to skip it).
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await self.send_json({"type": "done", "id": request_id, "finish_reason": "cancelled", "usage": None})
             else:
-                entry[0].cancel()
+                # The worker stops within a step and still reports exact usage in its done frame.
+                await job.cancel()
             return
         body = {k: v for k, v in frame.items() if k not in _FRAME_FIELDS}
         if kind == "chat":
@@ -82,11 +90,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         elif kind == "completion":
             request = parse_completion_request(body)
         else:
-            raise InvalidRequest(
-                "'type' must be 'chat', 'completion' or 'cancel'.", param="type", code="invalid_frame"
-            )
+            raise InvalidRequest("'type' must be 'chat', 'completion' or 'cancel'.", param="type", code="invalid_frame")
         if key in self.jobs:
-            raise InvalidRequest(f"A request with id {request_id!r} is already running.", param="id", code="duplicate_id")
+            raise InvalidRequest(
+                f"A request with id {request_id!r} is already running.", param="id", code="duplicate_id"
+            )
         limit = config().ws_max_inflight
         if len(self.jobs) >= limit:
             raise APIError(
@@ -112,7 +120,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 seq = 0
                 async for delta in job.deltas():
                     if delta is not None and delta.text:
-                        await self.send_json({"type": "delta", "id": request_id, "text": delta.text, "tokens": delta.tokens, "seq": seq})
+                        await self.send_json(
+                            {"type": "delta", "id": request_id, "text": delta.text, "tokens": delta.tokens, "seq": seq}
+                        )
                         seq += 1
                 await self.send_json(
                     {

@@ -86,7 +86,9 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     if not _is_number(value):
         raise InvalidRequest(f"'{name}' must be a number, got {type(value).__name__}.", param=name, code="invalid_type")
     if not low <= value <= high:
-        raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g}, got {value!r}.", param=name, code="invalid_value")
+        raise InvalidRequest(
+            f"'{name}' must be between {low:g} and {high:g}, got {value!r}.", param=name, code="invalid_value"
+        )
     return float(value)
 
 
@@ -95,7 +97,9 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be a boolean, got {type(value).__name__}.", param=name, code="invalid_type")
+        raise InvalidRequest(
+            f"'{name}' must be a boolean, got {type(value).__name__}.", param=name, code="invalid_type"
+        )
     return value
 
 
@@ -105,7 +109,9 @@ def _max_tokens(body: dict, default: int | None) -> int | None:
     if value is None:
         return default
     if not _is_int(value):
-        raise InvalidRequest(f"'{name}' must be an integer, got {type(value).__name__}.", param=name, code="invalid_type")
+        raise InvalidRequest(
+            f"'{name}' must be an integer, got {type(value).__name__}.", param=name, code="invalid_type"
+        )
     if value < 1:
         raise InvalidRequest(f"'{name}' must be at least 1, got {value}.", param=name, code="invalid_value")
     if value >= MAX_TOKENS_LIMIT:
@@ -123,7 +129,9 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise InvalidRequest("'stop' must be a string or a list of strings.", param="stop", code="invalid_type")
     if len(value) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(
-            f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences, got {len(value)}.", param="stop", code="invalid_value"
+            f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences, got {len(value)}.",
+            param="stop",
+            code="invalid_value",
         )
     if any(s == "" for s in value):
         raise InvalidRequest("'stop' sequences must not be empty.", param="stop", code="invalid_value")
@@ -135,7 +143,9 @@ def _seed(body: dict) -> int | None:
     if value is None:
         return None
     if not _is_int(value):
-        raise InvalidRequest(f"'seed' must be an integer, got {type(value).__name__}.", param="seed", code="invalid_type")
+        raise InvalidRequest(
+            f"'seed' must be an integer, got {type(value).__name__}.", param="seed", code="invalid_type"
+        )
     if not -(1 << 63) <= value < (1 << 64):
         raise InvalidRequest("'seed' must fit in 64 bits.", param="seed", code="invalid_value")
     return value % SEED_MODULUS
@@ -146,7 +156,9 @@ def _sampling(body: dict, *, default_max_tokens: int | None) -> SamplingParams:
     if top_k is None:
         top_k = 0
     elif not _is_int(top_k) or top_k < -1:
-        raise InvalidRequest("'top_k' must be an integer >= -1 (0 or -1 disables it).", param="top_k", code="invalid_value")
+        raise InvalidRequest(
+            "'top_k' must be an integer >= -1 (0 or -1 disables it).", param="top_k", code="invalid_value"
+        )
     return SamplingParams(
         max_tokens=_max_tokens(body, default_max_tokens),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -176,7 +188,9 @@ def _reject_unsupported(body: dict, known: set[str]) -> None:
     if body.get("best_of") not in (None, 1):
         raise InvalidRequest("Only best_of=1 is supported.", param="best_of", code="unsupported_value")
     if body.get("logit_bias") not in (None, {}):
-        raise InvalidRequest("'logit_bias' is not supported by this server.", param="logit_bias", code="unsupported_parameter")
+        raise InvalidRequest(
+            "'logit_bias' is not supported by this server.", param="logit_bias", code="unsupported_parameter"
+        )
     if body.get("tools") not in (None, []) or body.get("functions") not in (None, []):
         param = "tools" if body.get("tools") not in (None, []) else "functions"
         raise InvalidRequest("Tool calling is not supported by this server.", param=param, code="unsupported_parameter")
@@ -237,7 +251,9 @@ def _text_content(content: Any, param: str) -> str:
                 )
             text = part.get("text")
             if not isinstance(text, str):
-                raise InvalidRequest("A text content part needs a string 'text'.", param=f"{param}[{j}].text", code="invalid_type")
+                raise InvalidRequest(
+                    "A text content part needs a string 'text'.", param=f"{param}[{j}].text", code="invalid_type"
+                )
             texts.append(text)
         return "".join(texts)
     raise InvalidRequest("'content' must be a string or a list of content parts.", param=param, code="invalid_type")
@@ -253,7 +269,9 @@ def parse_messages(value: Any, max_messages: int) -> list[dict[str, Any]]:
         raise InvalidRequest("'messages' must contain at least one message.", param="messages", code="invalid_value")
     if len(value) > max_messages:
         raise InvalidRequest(
-            f"'messages' has {len(value)} messages; the limit is {max_messages}.", param="messages", code="too_many_messages"
+            f"'messages' has {len(value)} messages; the limit is {max_messages}.",
+            param="messages",
+            code="too_many_messages",
         )
     messages = []
     for i, message in enumerate(value):
@@ -263,13 +281,17 @@ def parse_messages(value: Any, max_messages: int) -> list[dict[str, Any]]:
         role = message.get("role")
         if role not in ROLES:
             raise InvalidRequest(
-                f"'{where}.role' must be one of {sorted(ROLES)}, got {role!r}.", param=f"{where}.role", code="invalid_value"
+                f"'{where}.role' must be one of {sorted(ROLES)}, got {role!r}.",
+                param=f"{where}.role",
+                code="invalid_value",
             )
         content = message.get("content")
         out: dict[str, Any] = {"role": "system" if role == "developer" else role}
         if content is None:
             if not (role == "assistant" and message.get("tool_calls")):
-                raise InvalidRequest(f"'{where}.content' is required.", param=f"{where}.content", code="missing_required_parameter")
+                raise InvalidRequest(
+                    f"'{where}.content' is required.", param=f"{where}.content", code="missing_required_parameter"
+                )
             out["content"] = ""
         else:
             out["content"] = _text_content(content, f"{where}.content")
@@ -290,7 +312,9 @@ def parse_messages(value: Any, max_messages: int) -> list[dict[str, Any]]:
         if role == "assistant" and message.get("tool_calls") is not None:
             tool_calls = message["tool_calls"]
             if not isinstance(tool_calls, list):
-                raise InvalidRequest(f"'{where}.tool_calls' must be a list.", param=f"{where}.tool_calls", code="invalid_type")
+                raise InvalidRequest(
+                    f"'{where}.tool_calls' must be a list.", param=f"{where}.tool_calls", code="invalid_type"
+                )
             out["tool_calls"] = tool_calls
         messages.append(out)
     return messages
@@ -310,7 +334,9 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise InvalidRequest(
-            "'stream_options.include_usage' must be a boolean.", param="stream_options.include_usage", code="invalid_type"
+            "'stream_options.include_usage' must be a boolean.",
+            param="stream_options.include_usage",
+            code="invalid_type",
         )
     return stream, include_usage
 
@@ -328,12 +354,16 @@ def _require_object(body: Any) -> dict:
     return body
 
 
-def parse_chat_request(body: Any, *, max_messages: int, extra_fields: frozenset[str] = frozenset()) -> GenerationRequest:
+def parse_chat_request(
+    body: Any, *, max_messages: int, extra_fields: frozenset[str] = frozenset()
+) -> GenerationRequest:
     """Validate a ``POST /v1/chat/completions`` body (or a WebSocket ``chat`` frame)."""
     body = _require_object(body)
     _reject_unsupported(body, _CHAT_FIELDS | extra_fields)
     if body.get("tool_choice") not in (None, "none", "auto"):
-        raise InvalidRequest("Tool calling is not supported by this server.", param="tool_choice", code="unsupported_parameter")
+        raise InvalidRequest(
+            "Tool calling is not supported by this server.", param="tool_choice", code="unsupported_parameter"
+        )
     messages = parse_messages(body.get("messages"), max_messages)
     stream, include_usage = _stream_flags(body)
     return GenerationRequest(

@@ -20,9 +20,7 @@ class OpenAIJSONParser(BaseParser):
         limit = config().max_body_bytes
         raw = stream.read(limit + 1) if stream is not None else b""
         if len(raw) > limit:
-            raise APIError(
-                f"The request body is larger than {limit} bytes.", code="request_too_large", status=413
-            )
+            raise APIError(f"The request body is larger than {limit} bytes.", code="request_too_large", status=413)
         if not raw.strip():
             raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
         try:

@@ -13,7 +13,7 @@ from rest_framework.views import APIView
 from consumers import sse
 from consumers.jobs import GenerationJob, served_models
 from tripod.conf import config
-from tripod.errors import APIError, ModelNotFound
+from tripod.errors import APIError, InvalidRequest, ModelNotFound
 from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request
 from tripod.responses import completion
 
@@ -55,6 +55,9 @@ class GenerationView(APIView):
 
     def post(self, request: Request) -> Response:
         _content_length(request)
+        if request.stream is None:
+            # DRF skips the parser for an empty body and hands back an empty dict.
+            raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
         generation = self.parse(request.data)
         job = GenerationJob(generation)
         if generation.stream:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-
 import importlib
+import threading
 
 from tripod.engines.base import ENGINE_MODULES, ChatModel, Delta, TokenStream
 

@@ -85,9 +85,7 @@ class CountingStreamer(TextIteratorStreamer):
         try:
             value = self.text_queue.get(timeout=self.timeout)
         except queue.Empty:
-            raise EngineFailure(
-                f"The engine produced nothing for {self.timeout:g} s.", code="engine_timeout"
-            ) from None
+            raise EngineFailure(f"The engine produced nothing for {self.timeout:g} s.", code="engine_timeout") from None
         if value is self.stop_signal:
             raise StopIteration
         if isinstance(value, _Failure):
@@ -207,7 +205,9 @@ class HFChatModel(ChatModel):
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos_ids
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+        )
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Apply the chat template to messages, or tokenize a raw prompt."""

@@ -51,7 +51,9 @@ class GumbelSampler(LogitsProcessor):
         return logprobs - torch.log(-torch.log(uniform))
 
 
-def build_logits_processors(params: SamplingParams, prompt_length: int, device: torch.device | str) -> LogitsProcessorList:
+def build_logits_processors(
+    params: SamplingParams, prompt_length: int, device: torch.device | str
+) -> LogitsProcessorList:
     """The processors that make greedy ``generate`` follow ``params``; empty means plain greedy."""
     processors = LogitsProcessorList()
     if params.presence_penalty or params.frequency_penalty:

@@ -1,0 +1,114 @@
+"""A client that leaves stops the work: watched on the engine itself, not only on the response."""
+
+from __future__ import annotations
+
+import asyncio
+
+from channels.testing import WebsocketCommunicator
+
+from routing import application
+from tests.conftest import chat_body
+from tests.inprocess import HTTPExchange, wait_for
+
+LONG = {"max_tokens": 1800, "ignore_eos": True}
+
+
+def assert_cancelled_promptly(chat_model, before: int) -> None:
+    new = list(chat_model.history)[before:]
+    assert len(new) == 1, new
+    record = new[0]
+    assert record.cancelled, record
+    # The StoppingCriteria saw the cancel at the first step after it was set.
+    assert record.steps_after_cancel == 1, record
+    assert record.completion_tokens < LONG["max_tokens"]
+
+
+async def test_closing_an_sse_stream_cancels_the_generation(chat_model):
+    before = len(chat_model.history)
+    exchange = HTTPExchange(application, "/v1/chat/completions", chat_body(stream=True, **LONG))
+    assert await exchange.start() == 200
+    await exchange.read_until(b'"content"')
+    assert chat_model.active_generations == 1
+    await exchange.disconnect()
+    await wait_for(lambda: chat_model.active_generations == 0, message="the engine to stop")
+    assert_cancelled_promptly(chat_model, before)
+
+
+async def test_closing_a_websocket_cancels_its_generations(chat_model):
+    communicator = WebsocketCommunicator(application, "/ws/chat/")
+    connected, _ = await communicator.connect()
+    assert connected
+    for request_id in ("a", "b"):
+        await communicator.send_json_to({"type": "chat", "id": request_id, **chat_body(**LONG)})
+    seen = set()
+    while seen != {"a", "b"}:
+        frame = await communicator.receive_json_from(10)
+        if frame["type"] == "delta":
+            seen.add(frame["id"])
+    assert chat_model.active_generations == 2
+    await communicator.disconnect()
+    await wait_for(lambda: chat_model.active_generations == 0, message="the engine to stop")
+    last_two = list(chat_model.history)[-2:]
+    assert all(r.cancelled and r.steps_after_cancel == 1 for r in last_two), last_two
+
+
+async def test_a_cancel_frame_stops_one_request_and_reports_exact_usage(chat_model):
+    communicator = WebsocketCommunicator(application, "/ws/chat/")
+    await communicator.connect()
+    await communicator.send_json_to({"type": "chat", "id": 1, **chat_body(**LONG)})
+    await communicator.send_json_to({"type": "chat", "id": 2, **chat_body(max_tokens=5)})
+    frames = []
+    while True:
+        frame = await communicator.receive_json_from(10)
+        frames.append(frame)
+        if frame["type"] == "delta" and frame["id"] == 1:
+            break
+    await communicator.send_json_to({"type": "cancel", "id": 1})
+    done = {}
+    while len(done) < 2:
+        frame = await communicator.receive_json_from(10)
+        frames.append(frame)
+        if frame["type"] == "done":
+            done[frame["id"]] = frame
+    assert done[1]["finish_reason"] == "cancelled"
+    streamed = sum(f.get("tokens", 0) for f in frames if f["type"] == "delta" and f["id"] == 1)
+    assert 0 < done[1]["usage"]["completion_tokens"] < LONG["max_tokens"]
+    assert streamed <= done[1]["usage"]["completion_tokens"]
+    assert done[2]["finish_reason"] == "length" and done[2]["usage"]["completion_tokens"] == 5
+    await communicator.disconnect()
+    cancelled = [r for r in list(chat_model.history)[-2:] if r.cancelled]
+    assert len(cancelled) == 1 and cancelled[0].steps_after_cancel == 1
+
+
+async def test_cancelling_a_queued_request_means_it_never_runs(chat_model):
+    """With every slot busy the 5th request waits in the job channel; cancelling it skips it for good."""
+    communicator = WebsocketCommunicator(application, "/ws/chat/")
+    await communicator.connect()
+    before = len(chat_model.history)
+    for i in range(4):
+        await communicator.send_json_to({"type": "chat", "id": i, **chat_body(**LONG)})
+    started = set()
+    while len(started) < 4:
+        frame = await communicator.receive_json_from(10)
+        if frame["type"] == "start":
+            started.add(frame["id"])
+    await communicator.send_json_to({"type": "chat", "id": "queued", **chat_body(max_tokens=5)})
+    await communicator.send_json_to({"type": "cancel", "id": "queued"})
+    while True:
+        frame = await communicator.receive_json_from(10)
+        if frame["id"] == "queued":
+            break
+    assert frame == {"type": "done", "id": "queued", "finish_reason": "cancelled", "usage": None}
+    for i in range(4):
+        await communicator.send_json_to({"type": "cancel", "id": i})
+    done = set()
+    while len(done) < 4:
+        frame = await communicator.receive_json_from(10)
+        if frame["type"] == "done":
+            done.add(frame["id"])
+    await communicator.disconnect()
+    await wait_for(lambda: chat_model.active_generations == 0, message="the engine to stop")
+    # Give the worker the chance to pull the cancelled job: it must skip it.
+    await asyncio.sleep(0.5)
+    new = list(chat_model.history)[before:]
+    assert len(new) == 4 and all(r.cancelled for r in new)
