@@ -30,5 +30,7 @@ def ensure_inline_worker() -> None:
         cfg.job_channel,
         load_model=get_chat_model,
         slots=cfg.slots or engine_class(cfg.engine).default_slots,
+        model_name=cfg.served_model_name,
+        engine=cfg.engine,
     )
     _workers[loop] = loop.create_task(worker.run(), name="tripod-inline-worker")

@@ -1,7 +1,8 @@
 """The worker loop: pull a job only when a slot is free, stream its deltas back, obey cancels.
 
 Pulling (``receive()`` on the model's job channel once per free slot) leaves any backlog in the channel
-layer, where another worker can take it; nothing is drained into this process's memory.
+layer, where another worker can take it; nothing is drained into this process's memory, so a crash loses
+only the jobs that were running, and their clients are told (``worker_lost``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from channels.exceptions import ChannelFull
 from tripod import events
 from tripod.conf import WORKERS_GROUP
 from tripod.engines.base import ChatModel, TokenStream
-from tripod.errors import APIError, EngineFailure
+from tripod.errors import APIError, EngineFailure, ServiceUnavailable
 from tripod.protocol import SamplingParams
+from tripod.registry import RegistryUnavailable, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
 # Remember cancels of jobs not pulled yet for this long (a job waits at most the queue timeout).
 CANCEL_MEMORY_SECONDS = 600
+RETRY_SECONDS = 0.5
 _END = object()
 
 
@@ -40,56 +43,145 @@ class Worker:
         job_channel: str,
         load_model: Callable[[], ChatModel],
         slots: int,
+        *,
+        model_name: str = "",
+        engine: str = "",
+        registry: WorkerRegistry | None = None,
+        heartbeat_interval: float = 1.0,
         worker_id: str | None = None,
     ) -> None:
         self.layer = channel_layer
         self.job_channel = job_channel
         self.load_model = load_model
         self.slots = slots
+        self.model_name = model_name
+        self.engine = engine
+        self.registry = registry
+        self.heartbeat_interval = heartbeat_interval
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_channel: str | None = None
         self.running: dict[str, TokenStream] = {}
         self._cancelled: dict[str, float] = {}
+        self._aborted: set[str] = set()
         self._free = asyncio.Semaphore(slots)
         self._tasks: set[asyncio.Task] = set()
+        self._stopping = asyncio.Event()
         # Engine iteration blocks on the engine's streamer, so each running job holds a thread.
-        self._executor = ThreadPoolExecutor(max_workers=slots + 1, thread_name_prefix="tripod-worker")
+        self._executor = ThreadPoolExecutor(max_workers=slots + 2, thread_name_prefix="tripod-worker")
         self._model: ChatModel | None = None
         self._model_lock = asyncio.Lock()
 
-    async def run(self) -> None:
-        """Serve until cancelled."""
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self, drain_timeout: float = 0.0) -> None:
+        """Serve until cancelled, or until ``stop()``: then finish running jobs (up to ``drain_timeout``)."""
         self.control_channel = await self.layer.new_channel("tripod.worker.")
-        await self.layer.group_add(WORKERS_GROUP, self.control_channel)
-        control = asyncio.create_task(self._listen_control())
+        await self._join_group()
+        background = [asyncio.create_task(self._listen_control())]
+        if self.registry is not None:
+            await self._model_instance()  # advertise only once the model can serve
+            background.append(asyncio.create_task(self._heartbeat()))
         logger.info("worker %s serving %s with %d slots", self.id, self.job_channel, self.slots)
         try:
-            while True:
-                await self._free.acquire()
-                try:
-                    job = await self.layer.receive(self.job_channel)
-                except BaseException:
-                    self._free.release()
-                    raise
-                task = asyncio.create_task(self._serve(job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            await self._pull_until_stopped()
+            await self._drain(drain_timeout)
         finally:
-            control.cancel()
             for task in list(self._tasks):
                 task.cancel()
             for stream in list(self.running.values()):
                 stream.cancel()
-            await asyncio.gather(control, *self._tasks, return_exceptions=True)
-            try:
-                await self.layer.group_discard(WORKERS_GROUP, self.control_channel)
-            except Exception:  # noqa: BLE001 - best effort while shutting down
-                pass
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self._leave()
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self) -> None:
+        """Stop taking jobs (SIGTERM): jobs in flight finish, the backlog stays for other workers."""
+        logger.info("worker %s stopping: %d jobs in flight", self.id, len(self.running))
+        self._stopping.set()
+
+    async def _pull_until_stopped(self) -> None:
+        stop = asyncio.create_task(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                acquire = asyncio.create_task(self._free.acquire())
+                await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not acquire.done():
+                    acquire.cancel()
+                    break
+                receive = asyncio.create_task(self.layer.receive(self.job_channel))
+                await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    # channels_redis keeps a message popped by a cancelled receive in its backup queue.
+                    receive.cancel()
+                    self._free.release()
+                    break
+                try:
+                    job = receive.result()
+                except RegistryUnavailable as exc:
+                    self._free.release()
+                    logger.warning("channel layer unavailable (%s); retrying", exc)
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
+                task = asyncio.create_task(self._serve(job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            stop.cancel()
+
+    async def _drain(self, timeout: float) -> None:
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=max(timeout, 0.001))
+            if pending:
+                logger.warning("drain timeout: aborting %d jobs", len(pending))
+                for job_id, stream in list(self.running.items()):
+                    self._aborted.add(job_id)
+                    stream.cancel()
+                await asyncio.wait(pending, timeout=10)
+
+    async def _join_group(self) -> None:
+        await self.layer.group_add(WORKERS_GROUP, self.control_channel)
+
+    async def _leave(self) -> None:
+        try:
+            if self.registry is not None:
+                await self.registry.remove(self.id)
+            await self.layer.group_discard(WORKERS_GROUP, self.control_channel)
+        except Exception:  # noqa: BLE001 - best effort while shutting down
+            pass
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model_name,
+            "engine": self.engine,
+            "slots": self.slots,
+            "busy": len(self.running),
+            "control": self.control_channel,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "draining": self._stopping.is_set(),
+        }
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.registry.beat(self.info())
+                # Refresh group membership too: a restarted Redis has forgotten it.
+                await self._join_group()
+            except RegistryUnavailable as exc:
+                logger.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval)
 
     async def _listen_control(self) -> None:
         while True:
-            message = await self.layer.receive(self.control_channel)
+            try:
+                message = await self.layer.receive(self.control_channel)
+            except RegistryUnavailable:
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
             if message.get("type") == events.CANCEL:
                 self.cancel(message.get("id", ""))
 
@@ -103,6 +195,8 @@ class Worker:
         self._cancelled = {k: t for k, t in self._cancelled.items() if t > now}
         self._cancelled[job_id] = now + CANCEL_MEMORY_SECONDS
 
+    # --- jobs ------------------------------------------------------------------------------------
+
     async def _model_instance(self) -> ChatModel:
         if self._model is None:
             async with self._model_lock:
@@ -111,11 +205,14 @@ class Worker:
         return self._model
 
     async def _send(self, reply_channel: str, message: dict[str, Any]) -> bool:
-        """Send an event; False when the reply channel is gone or full (its reader left)."""
+        """Send an event; False when the reply channel is full or unreachable (its reader is gone)."""
         try:
             await self.layer.send(reply_channel, message)
             return True
         except ChannelFull:
+            return False
+        except RegistryUnavailable as exc:
+            logger.warning("could not send to %s: %s", reply_channel, exc)
             return False
 
     async def _serve(self, job: dict[str, Any]) -> None:
@@ -130,6 +227,9 @@ class Worker:
             if job.get("deadline") and time.time() > float(job["deadline"]):
                 # The client stopped waiting for a worker; nobody reads this reply channel any more.
                 return
+            if self.registry is not None and not await self.registry.claim(job_id, self.id):
+                logger.info("job %s is already served by another worker", job_id)
+                return
             await self._generate(job_id, reply, job)
         except APIError as exc:
             await self._send(reply, {"type": events.ERROR, "id": job_id, **exc.to_event()})
@@ -138,6 +238,7 @@ class Worker:
             error = EngineFailure(f"The engine failed: {exc}", code="engine_error")
             await self._send(reply, {"type": events.ERROR, "id": job_id, **error.to_event()})
         finally:
+            self._aborted.discard(job_id)
             self._free.release()
 
     async def _generate(self, job_id: str, reply: str, job: dict[str, Any]) -> None:
@@ -160,6 +261,13 @@ class Worker:
             await self._pump(job_id, reply, stream)
         finally:
             self.running.pop(job_id, None)
+            logger.info(
+                "job %s finished: finish_reason=%s prompt_tokens=%d completion_tokens=%d",
+                job_id,
+                stream.finish_reason or "cancelled",
+                stream.prompt_tokens,
+                stream.completion_tokens,
+            )
 
     async def _pump(self, job_id: str, reply: str, stream: TokenStream) -> None:
         """Relay deltas; whatever piled up while the last send was in flight goes out as one delta."""
@@ -202,11 +310,9 @@ class Worker:
             if not producer.done():
                 stream.cancel()
             await asyncio.shield(producer)
-        done = {
-            "type": events.DONE,
-            "id": job_id,
-            "finish_reason": stream.finish_reason,
-            "usage": stream.usage(),
-        }
-        if not reader_gone:
-            await self._send(reply, done)
+        if reader_gone:
+            return
+        if job_id in self._aborted:
+            raise ServiceUnavailable("The worker shut down before this generation finished.", code="worker_shutdown")
+        done = {"type": events.DONE, "id": job_id, "finish_reason": stream.finish_reason, "usage": stream.usage()}
+        await self._send(reply, done)

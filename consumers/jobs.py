@@ -6,11 +6,13 @@ REST, SSE and WebSocket differ only in how they frame what this yields.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
 from tripod import events
@@ -18,21 +20,56 @@ from tripod.conf import WORKERS_GROUP, config, job_channel_for
 from tripod.engines.base import Delta
 from tripod.errors import APIError, EngineFailure, ModelNotFound, ServiceUnavailable
 from tripod.protocol import GenerationRequest
+from tripod.registry import RegistryUnavailable, get_registry
+
+logger = logging.getLogger(__name__)
 
 
-def served_models() -> list[str]:
-    """Names of the models this deployment serves."""
-    return [config().served_model_name]
+async def served_models() -> list[str]:
+    """Models a request can name: the configured one, or (scaled) those with a live worker."""
+    registry = get_registry()
+    if registry is None:
+        return [config().served_model_name]
+    try:
+        return sorted(await registry.live_models())
+    except RegistryUnavailable as exc:
+        raise _layer_down(exc) from None
 
 
-def resolve_model(requested: str | None) -> str:
-    """The served model a request asks for; no ``model`` means the default one."""
-    models = served_models()
-    if requested is None:
-        return models[0]
-    if requested not in models:
-        raise ModelNotFound(requested)
-    return requested
+async def resolve_model(requested: str | None) -> str:
+    """The model a request asks for (no ``model`` means the configured default).
+
+    Scaled, a model that has had workers but has none alive right now gets ``no_worker_wait`` seconds
+    for one to appear, then a 503; a model no worker ever served is a 404.
+    """
+    cfg = config()
+    name = requested or cfg.served_model_name
+    registry = get_registry()
+    if registry is None:
+        if name != cfg.served_model_name:
+            raise ModelNotFound(name)
+        return name
+    try:
+        deadline = time.monotonic() + cfg.no_worker_wait
+        while True:
+            if name in await registry.live_models():
+                return name
+            if name not in await registry.known_models() and name != cfg.served_model_name:
+                raise ModelNotFound(name)
+            if time.monotonic() >= deadline:
+                raise ServiceUnavailable(
+                    f"No live worker serves the model '{name}'; start one with `python -m asgi_worker --model ...`.",
+                    param="model",
+                    code="no_worker_available",
+                )
+            await asyncio.sleep(0.25)
+    except RegistryUnavailable as exc:
+        raise _layer_down(exc) from None
+
+
+def _layer_down(exc: BaseException) -> ServiceUnavailable:
+    logger.warning("channel layer unavailable: %r", exc, exc_info=exc)
+    return ServiceUnavailable(f"The channel layer (Redis) is unavailable: {exc}", code="channel_layer_unavailable")
 
 
 class GenerationJob:
@@ -44,7 +81,7 @@ class GenerationJob:
 
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
-        self.model = resolve_model(request.model)
+        self.model = request.model or config().served_model_name
         self.id = uuid.uuid4().hex
         self.layer = get_channel_layer()
         self.reply_channel: str | None = None
@@ -67,10 +104,18 @@ class GenerationJob:
     async def start(self) -> None:
         """Submit the job and wait until a worker has admitted it; errors raise ``APIError``."""
         cfg = config()
-        if self.layer.__class__.__name__ == "InMemoryChannelLayer":
+        self.model = await resolve_model(self.request.model)
+        if cfg.inline_worker:
             from asgi_worker.inline import ensure_inline_worker
 
             ensure_inline_worker()
+        try:
+            await self._submit(cfg)
+        except RegistryUnavailable as exc:
+            self.finished = True
+            raise _layer_down(exc) from None
+
+    async def _submit(self, cfg) -> None:
         self.reply_channel = await self.layer.new_channel("tripod.reply.")
         job: dict[str, Any] = {
             "type": events.JOB,
@@ -85,7 +130,7 @@ class GenerationJob:
         else:
             job["prompt"] = self.request.prompt
         await self.layer.send(job_channel_for(self.model), job)
-        event = await self._next_event(cfg.queue_timeout)
+        event = await self._wait_admission(cfg)
         if event is None:
             raise ServiceUnavailable(
                 f"No worker for model '{self.model}' accepted the request within {cfg.queue_timeout:g} s.",
@@ -100,12 +145,40 @@ class GenerationJob:
         self.control_channel = event.get("control")
         self.prompt_tokens = int(event.get("prompt_tokens", 0))
 
+    async def _wait_admission(self, cfg) -> dict[str, Any] | None:
+        """The worker's first event; scaled, give up early once no worker of the model is alive."""
+        registry = get_registry()
+        deadline = time.monotonic() + cfg.queue_timeout
+        orphaned_since = None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            event = await self._next_event(min(left, 1.0) if registry else left)
+            if event is not None:
+                return event
+            if registry is not None:
+                if self.model in await registry.live_models():
+                    orphaned_since = None
+                elif orphaned_since is None:
+                    orphaned_since = time.monotonic()
+                elif time.monotonic() - orphaned_since > cfg.no_worker_wait:
+                    raise ServiceUnavailable(
+                        f"No live worker serves the model '{self.model}' any more.",
+                        param="model",
+                        code="no_worker_available",
+                    )
+
     async def deltas(self, tick: float | None = None) -> AsyncIterator[Delta | None]:
         """Yield deltas until the job is done; ``None`` every ``tick`` seconds of silence (for keep-alives).
 
         Raises ``APIError`` on a worker error, or when the worker sends nothing for ``event_timeout``.
         """
-        timeout = config().event_timeout
+        cfg = config()
+        timeout = cfg.event_timeout
+        registry = get_registry()
+        # Scaled, a silent worker is checked against its heartbeat this often.
+        check = cfg.heartbeat_interval if registry is not None else None
         silent_since = time.monotonic()
         while not self.finished:
             wait = timeout - (time.monotonic() - silent_since)
@@ -115,8 +188,14 @@ class GenerationJob:
                     code="worker_timeout",
                     status=504,
                 )
-            event = await self._next_event(min(wait, tick) if tick else wait)
+            event = await self._next_event(min(x for x in (wait, tick, check) if x))
             if event is None:
+                if registry is not None and self.worker and not await self._worker_alive(registry):
+                    self.finished = True
+                    raise ServiceUnavailable(
+                        f"The worker running this generation ({self.worker}) stopped responding.",
+                        code="worker_lost",
+                    )
                 if tick:
                     yield None
                 continue
@@ -133,6 +212,12 @@ class GenerationJob:
                 self.finished = True
                 raise APIError.from_event(event)
 
+    async def _worker_alive(self, registry) -> bool:
+        try:
+            return await registry.alive(self.worker)
+        except RegistryUnavailable:
+            return True  # Redis itself is down: the event timeout still bounds the wait
+
     async def result(self) -> str:
         """Run to the end and return the whole text (non-streaming requests)."""
         await self.start()
@@ -144,11 +229,14 @@ class GenerationJob:
             return
         self._cancel_sent = True
         message = {"type": events.CANCEL, "id": self.id}
-        if self.control_channel:
-            await self.layer.send(self.control_channel, message)
-        else:
-            # Not admitted yet (or admission unseen): every worker hears it and skips the job.
-            await self.layer.group_send(WORKERS_GROUP, message)
+        try:
+            if self.control_channel:
+                await self.layer.send(self.control_channel, message)
+            else:
+                # Not admitted yet (or admission unseen): every worker hears it and skips the job.
+                await self.layer.group_send(WORKERS_GROUP, message)
+        except (ChannelFull, *RegistryUnavailable):
+            pass  # the worker notices its reader is gone when its own sends fail
 
     async def close(self) -> None:
         """Stop the worker if the job is unfinished and stop listening; idempotent."""
@@ -167,4 +255,8 @@ class GenerationJob:
         if not done:
             return None
         future, self._pending = self._pending, None
-        return future.result()
+        try:
+            return future.result()
+        except RegistryUnavailable as exc:
+            self.finished = True
+            raise _layer_down(exc) from None

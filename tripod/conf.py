@@ -39,6 +39,17 @@ class Config:
     engine_step_timeout: float
     sse_keepalive: float
     ws_max_inflight: int
+    redis_url: str
+    heartbeat_interval: float
+    worker_ttl: float
+    no_worker_wait: float
+    upstream_url: str
+    upstream_api_key: str
+
+    @property
+    def inline_worker(self) -> bool:
+        """Embedded mode: no Redis, so the worker runs inside the web process."""
+        return not self.redis_url
 
     @property
     def job_channel(self) -> str:
@@ -70,6 +81,12 @@ def config() -> Config:
         engine_step_timeout=float(raw["ENGINE_STEP_TIMEOUT"]),
         sse_keepalive=float(raw["SSE_KEEPALIVE"]),
         ws_max_inflight=int(raw["WS_MAX_INFLIGHT"]),
+        redis_url=raw.get("REDIS_URL", ""),
+        heartbeat_interval=float(raw.get("HEARTBEAT_INTERVAL", 1)),
+        worker_ttl=float(raw.get("WORKER_TTL", 3)),
+        no_worker_wait=float(raw.get("NO_WORKER_WAIT", 5)),
+        upstream_url=raw.get("UPSTREAM_URL", ""),
+        upstream_api_key=raw.get("UPSTREAM_API_KEY", ""),
     )
 
 

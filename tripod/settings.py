@@ -82,15 +82,35 @@ STATIC_URL = "static/"
 TRIPOD_MAX_BODY_BYTES = int(os.environ.get("TRIPOD_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 DATA_UPLOAD_MAX_MEMORY_SIZE = TRIPOD_MAX_BODY_BYTES
 
-# Embedded default: one process, in-memory channel layer, the worker inline.
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "channels.layers.InMemoryChannelLayer",
-        # Reply channels carry coalesced deltas; a generous capacity keeps a slow reader from
-        # tripping ChannelFull before the worker notices it is gone.
-        "CONFIG": {"capacity": 1000, "expiry": 120},
+QUEUE_TIMEOUT = float(os.environ.get("TRIPOD_QUEUE_TIMEOUT", "60"))
+REDIS_URL = os.environ.get("REDIS_URL", "")
+
+if REDIS_URL:
+    # Scaled: any number of web processes and `python -m asgi_worker` processes share one Redis.
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                # redis-py 8 reads with a 5 s socket timeout by default, which aborts channels_redis's 5 s
+                # blocking BZPOPMIN (django/channels_redis#422): read timeout above it, connects fail fast.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 10, "socket_connect_timeout": 2}],
+                # A job may wait in its model's channel as long as the queue timeout allows.
+                "expiry": int(QUEUE_TIMEOUT) + 60,
+                "capacity": 1000,
+                # Every reply channel of one web process shares one Redis key (and this capacity);
+                # deltas are coalesced, so this holds hundreds of concurrent streams with room to spare.
+                "channel_capacity": {"tripod.reply.*": 50000, "tripod.generate.*": 10000},
+            },
+        }
     }
-}
+else:
+    # Embedded default: one process, in-memory channel layer, the worker inline.
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": 1000, "expiry": int(QUEUE_TIMEOUT) + 60},
+        }
+    }
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
@@ -111,7 +131,13 @@ TRIPOD = {
     "CACHE_DIR": os.environ.get("TRIPOD_CACHE_DIR", str(Path.home() / ".cache" / "tripod")),
     "MAX_BODY_BYTES": TRIPOD_MAX_BODY_BYTES,
     "MAX_MESSAGES": int(os.environ.get("TRIPOD_MAX_MESSAGES", "1024")),
-    "QUEUE_TIMEOUT": float(os.environ.get("TRIPOD_QUEUE_TIMEOUT", "60")),
+    "QUEUE_TIMEOUT": QUEUE_TIMEOUT,
+    "REDIS_URL": REDIS_URL,
+    "HEARTBEAT_INTERVAL": float(os.environ.get("TRIPOD_HEARTBEAT_INTERVAL", "1")),
+    "WORKER_TTL": float(os.environ.get("TRIPOD_WORKER_TTL", "3")),
+    "NO_WORKER_WAIT": float(os.environ.get("TRIPOD_NO_WORKER_WAIT", "5")),
+    "UPSTREAM_URL": os.environ.get("TRIPOD_UPSTREAM_URL", ""),
+    "UPSTREAM_API_KEY": os.environ.get("TRIPOD_UPSTREAM_API_KEY", ""),
     "EVENT_TIMEOUT": float(os.environ.get("TRIPOD_EVENT_TIMEOUT", "60")),
     "ENGINE_STEP_TIMEOUT": float(os.environ.get("TRIPOD_ENGINE_STEP_TIMEOUT", "60")),
     "SSE_KEEPALIVE": float(os.environ.get("TRIPOD_SSE_KEEPALIVE", "10")),

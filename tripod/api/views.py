@@ -12,6 +12,7 @@ from rest_framework.views import APIView
 
 from consumers import sse
 from consumers.jobs import GenerationJob, served_models
+from tripod import readiness
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest, ModelNotFound
 from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request
@@ -85,17 +86,18 @@ def _model_card(name: str) -> dict:
 
 
 class ModelListView(APIView):
-    """``GET /v1/models``."""
+    """``GET /v1/models``: the models a request can name now (scaled: those with a live worker)."""
 
     def get(self, request: Request) -> Response:
-        return Response({"object": "list", "data": [_model_card(name) for name in served_models()]})
+        models = async_to_sync(served_models)()
+        return Response({"object": "list", "data": [_model_card(name) for name in models]})
 
 
 class ModelDetailView(APIView):
     """``GET /v1/models/<id>``."""
 
     def get(self, request: Request, model: str) -> Response:
-        if model not in served_models():
+        if model not in async_to_sync(served_models)():
             raise ModelNotFound(model)
         return Response(_model_card(model))
 
@@ -105,3 +107,13 @@ class HealthView(APIView):
 
     def get(self, request: Request) -> Response:
         return Response({"status": "ok"})
+
+
+class ReadyView(APIView):
+    """``GET /readyz``: 200 when requests can be served now, else 503 with what is missing."""
+
+    def get(self, request: Request) -> Response:
+        checks = readiness.check()
+        missing = [name for name, result in checks.items() if not result["ok"]]
+        body = {"status": "not_ready" if missing else "ready", "missing": missing, "checks": checks}
+        return Response(body, status=503 if missing else 200)

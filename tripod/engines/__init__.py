@@ -21,6 +21,14 @@ def engine_class(engine: str) -> type[ChatModel]:
         raise ValueError(f"unknown engine {engine!r}; known: {sorted(ENGINE_MODULES)}") from None
 
 
+def loaded_chat_model(model_name: str | None = None, engine: str | None = None) -> ChatModel | None:
+    """The shared instance if it is already loaded; never loads."""
+    from tripod.conf import config
+
+    cfg = config()
+    return _instances.get((engine or cfg.engine, model_name or cfg.model))
+
+
 def get_chat_model(model_name: str | None = None, engine: str | None = None) -> ChatModel:
     """The loaded, shared ``ChatModel`` for a model and engine; loads it on first use (blocking)."""
     from tripod.conf import config
@@ -46,4 +54,4 @@ def get_chat_model(model_name: str | None = None, engine: str | None = None) -> 
         return instance
 
 
-__all__ = ["ChatModel", "Delta", "TokenStream", "engine_class", "get_chat_model"]
+__all__ = ["ChatModel", "Delta", "TokenStream", "engine_class", "get_chat_model", "loaded_chat_model"]

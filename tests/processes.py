@@ -1,0 +1,164 @@
+"""Real processes for tests: daphne web servers, ``python -m asgi_worker`` workers, ``redis-server``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGS = ROOT / "var" / "test-logs"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Process:
+    """A child process whose output goes to a log file under var/test-logs/."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log = LOGS / f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
+        self._log_file = open(self.log, "w")
+        self.process = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log_file.close()
+
+
+class LiveServer(Process):
+    """A daphne serving ``tripod.asgi:application`` on a free port."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "tripod.asgi:application"]
+        super().__init__(f"daphne-{self.port}", argv, env)
+
+    def wait_ready(self, timeout: float = 60) -> LiveServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"daphne exited: {self.output()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"daphne did not start: {self.output()}")
+
+
+class WorkerProcess(Process):
+    """``python -m asgi_worker`` with the given flags."""
+
+    def __init__(self, redis_url: str, *flags: str, env: dict[str, str] | None = None) -> None:
+        argv = [sys.executable, "-m", "asgi_worker", *flags]
+        super().__init__("worker", argv, {"REDIS_URL": redis_url, **(env or {})})
+
+    def wait_serving(self, timeout: float = 60) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while "serving tripod.generate." not in self.output():
+            if not self.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start: {self.output()}")
+            time.sleep(0.1)
+        return self
+
+    def finished_jobs(self) -> list[str]:
+        """Lines the worker logs when a job ends (``job <id> finished: ...``)."""
+        return [line for line in self.output().splitlines() if " finished: finish_reason=" in line]
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port; ``restart()`` keeps the port, loses the data."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; .ci/run installs it")
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="tripod-redis-")
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(5)
+            self.process = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

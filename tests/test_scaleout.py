@@ -1,0 +1,265 @@
+"""Scaled deployment: real redis-server, daphne processes and ``python -m asgi_worker`` processes.
+
+Every fault the scale-out issue names is injected here: kill -9 of a worker mid-stream, SIGTERM,
+a Redis restart, a client that leaves, and load spread over 2 web processes and 2 workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import chat_body
+from tests.processes import LiveServer, RedisServer, WorkerProcess
+
+LONG = {"max_tokens": 1500, "ignore_eos": True}
+
+
+class Cluster:
+    """Processes of one test; all stopped at the end."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        self.redis = redis
+        self.processes = []
+
+    def web(self, **env: str) -> LiveServer:
+        server = LiveServer({"REDIS_URL": self.redis.url, "TRIPOD_NO_WORKER_WAIT": "1", **env})
+        self.processes.append(server)
+        return server.wait_ready()
+
+    def worker(self, *flags: str, **env: str) -> WorkerProcess:
+        worker = WorkerProcess(self.redis.url, *flags, env=env)
+        self.processes.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+@pytest.fixture
+def cluster(redis_server):
+    cluster = Cluster(redis_server)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def stream_chat(url: str, body: dict, on_first_delta=None) -> dict:
+    """Stream one chat completion; return its text, finish reason, usage, error and timings."""
+    result = {"text": "", "finish_reason": None, "usage": None, "error": None, "ended_at": None}
+    async with httpx.AsyncClient(timeout=120) as client:
+        async with client.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        ) as response:
+            if response.status_code != 200:
+                result["error"] = json.loads(await response.aread())["error"]
+                result["status"] = response.status_code
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                payload = json.loads(line[6:])
+                if "error" in payload:
+                    result["error"] = payload["error"]
+                    result["ended_at"] = time.monotonic()
+                    continue
+                if payload.get("usage"):
+                    result["usage"] = payload["usage"]
+                for choice in payload["choices"]:
+                    if choice["delta"].get("content"):
+                        if not result["text"] and on_first_delta is not None:
+                            on_first_delta()
+                        result["text"] += choice["delta"]["content"]
+                    if choice["finish_reason"]:
+                        result["finish_reason"] = choice["finish_reason"]
+    result["ended_at"] = time.monotonic()
+    return result
+
+
+async def wait_until(predicate, timeout: float = 30, interval: float = 0.05) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(interval)
+    return time.monotonic() - started
+
+
+def test_models_readyz_and_no_worker(cluster):
+    web = cluster.web()
+    ready = httpx.get(web.url + "/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["missing"] == ["workers"]
+    assert httpx.get(web.url + "/v1/models").json()["data"] == []
+    started = time.monotonic()
+    response = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=2), timeout=30)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_worker_available"
+    assert time.monotonic() - started < 5, "a model without a worker fails within a bounded time"
+
+    cluster.worker("--slots", "2").wait_serving()
+    assert httpx.get(web.url + "/readyz").json()["status"] == "ready"
+    assert [m["id"] for m in httpx.get(web.url + "/v1/models").json()["data"]] == ["tiny"]
+    response = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=3), timeout=30)
+    assert response.json()["usage"]["completion_tokens"] == 3
+    other = httpx.post(web.url + "/v1/chat/completions", json={**chat_body(), "model": "never-served"}, timeout=30)
+    assert other.status_code == 404
+
+
+async def test_kill_9_mid_stream_fails_its_clients_fast_and_loses_no_queued_job(cluster):
+    web = cluster.web()
+    worker_a = cluster.worker("--slots", "1").wait_serving()
+    worker_b = cluster.worker("--slots", "1").wait_serving()
+    first_delta = {"n": 0}
+
+    def seen() -> None:
+        first_delta["n"] += 1
+
+    long_streams = [asyncio.create_task(stream_chat(web.url, chat_body(**LONG), seen)) for _ in range(2)]
+    await wait_until(lambda: first_delta["n"] == 2)
+    # Both slots are busy, so this one waits in Redis, not in any worker.
+    queued = asyncio.create_task(stream_chat(web.url, chat_body(max_tokens=7)))
+    await asyncio.sleep(0.3)
+    killed_at = time.monotonic()
+    worker_a.process.kill()
+    results = await asyncio.gather(*long_streams)
+    lost = [r for r in results if r["error"]]
+    assert len(lost) == 1, results
+    assert lost[0]["error"]["code"] == "worker_lost"
+    recovery = lost[0]["ended_at"] - killed_at
+    assert recovery < 5, f"the client heard about the dead worker after {recovery:.2f} s"
+    survivor = [r for r in results if not r["error"]][0]
+    assert survivor["finish_reason"] == "length" and survivor["usage"]["completion_tokens"] == LONG["max_tokens"]
+    served = await queued
+    assert served["error"] is None and served["usage"]["completion_tokens"] == 7
+    print(f"\nkill -9 recovery: client told after {recovery:.2f} s")
+    assert worker_b.alive()
+
+
+async def test_sigterm_finishes_jobs_in_flight_then_exits(cluster):
+    # Long enough for the queued request to wait through the gap between the two workers.
+    web = cluster.web(TRIPOD_NO_WORKER_WAIT="30")
+    worker = cluster.worker("--slots", "1", "--drain-timeout", "60").wait_serving()
+    started = {"n": 0}
+    in_flight = asyncio.create_task(
+        stream_chat(web.url, chat_body(max_tokens=600, ignore_eos=True), lambda: started.__setitem__("n", 1))
+    )
+    await wait_until(lambda: started["n"] == 1)
+    queued = asyncio.create_task(stream_chat(web.url, chat_body(max_tokens=4)))
+    await asyncio.sleep(0.3)
+    worker.signal(signal.SIGTERM)
+    result = await in_flight
+    assert result["error"] is None
+    assert result["finish_reason"] == "length" and result["usage"]["completion_tokens"] == 600
+    await wait_until(lambda: not worker.alive(), timeout=15)
+    assert worker.process.returncode == 0
+    # The job it had not taken is still in Redis: the next worker serves it.
+    assert not queued.done()
+    cluster.worker("--slots", "1").wait_serving()
+    served = await queued
+    assert served["error"] is None and served["usage"]["completion_tokens"] == 4
+
+
+async def test_sigterm_drain_timeout_bounds_the_wait(cluster):
+    web = cluster.web()
+    worker = cluster.worker("--slots", "1", "--drain-timeout", "0.5").wait_serving()
+    started = {"n": 0}
+    in_flight = asyncio.create_task(
+        stream_chat(web.url, chat_body(max_tokens=1900, ignore_eos=True), lambda: started.__setitem__("n", 1))
+    )
+    await wait_until(lambda: started["n"] == 1)
+    worker.signal(signal.SIGTERM)
+    exit_time = await wait_until(lambda: not worker.alive(), timeout=15)
+    result = await in_flight
+    assert result["error"]["code"] == "worker_shutdown"
+    assert exit_time < 5
+    assert worker.process.returncode == 0
+
+
+async def test_redis_restart_fails_fast_then_recovers_without_restarting_anything(cluster):
+    web = cluster.web()
+    worker = cluster.worker("--slots", "2").wait_serving()
+    assert httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=2), timeout=30).status_code == 200
+    cluster.redis.kill()
+    started = time.monotonic()
+    during = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=2), timeout=30)
+    assert during.status_code == 503, during.text
+    assert during.json()["error"]["code"] == "channel_layer_unavailable"
+    assert time.monotonic() - started < 3, "requests during the outage fail fast"
+    assert httpx.get(web.url + "/readyz").status_code == 503
+    cluster.redis.start()
+    back = time.monotonic()
+    while True:
+        response = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=2), timeout=30)
+        if response.status_code == 200:
+            break
+        assert time.monotonic() - back < 10, response.text
+        await asyncio.sleep(0.2)
+    recovery = time.monotonic() - back
+    print(f"\nRedis restart: serving again {recovery:.2f} s after Redis came back")
+    assert worker.alive() and web.alive()
+    streamed = await stream_chat(web.url, chat_body(max_tokens=5))
+    assert streamed["usage"]["completion_tokens"] == 5
+
+
+async def test_two_web_processes_two_workers_40_streams_all_served_once(cluster):
+    webs = [cluster.web(), cluster.web()]
+    workers = [cluster.worker("--slots", "1").wait_serving() for _ in range(2)]
+    bodies = [chat_body(f"request {i}", max_tokens=12, ignore_eos=True) for i in range(40)]
+    results = await asyncio.gather(*(stream_chat(webs[i % 2].url, body) for i, body in enumerate(bodies)))
+    assert all(r["error"] is None for r in results), [r["error"] for r in results if r["error"]]
+    assert all(r["usage"]["completion_tokens"] == 12 for r in results)
+    await asyncio.sleep(0.2)
+    job_lines = [line for w in workers for line in w.finished_jobs()]
+    job_ids = [line.split("job ", 1)[1].split(" ", 1)[0] for line in job_lines]
+    assert len(job_ids) == 40 and len(set(job_ids)) == 40, "every job ran exactly once"
+    assert all(w.finished_jobs() for w in workers), "both workers took a share"
+
+
+async def test_a_client_that_leaves_cancels_the_job_on_its_worker(cluster):
+    web = cluster.web()
+    worker = cluster.worker("--slots", "1").wait_serving()
+    async with httpx.AsyncClient(timeout=60) as client:
+        async with client.stream(
+            "POST", web.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=1900, ignore_eos=True)
+        ) as response:
+            async for line in response.aiter_lines():
+                if '"content"' in line:
+                    break
+    left_at = time.monotonic()
+    await wait_until(lambda: worker.finished_jobs(), timeout=10)
+    took = time.monotonic() - left_at
+    line = worker.finished_jobs()[0]
+    assert "finish_reason=cancelled" in line
+    tokens = int(line.rsplit("completion_tokens=", 1)[1])
+    assert tokens < 1900
+    print(f"\nremote cancel: worker stopped {took:.2f} s after the client left, at {tokens} tokens")
+
+
+async def test_200_concurrent_streams_on_one_web_process(cluster):
+    web = cluster.web()
+    cluster.worker("--slots", "32").wait_serving()
+    limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+
+    async def one(client: httpx.AsyncClient, i: int) -> dict:
+        response = await client.post(
+            web.url + "/v1/chat/completions", json=chat_body(f"n{i}", max_tokens=16, ignore_eos=True, stream=True)
+        )
+        frames = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
+        errors = [frame for frame in frames[:-1] if "error" in json.loads(frame)]
+        return {"status": response.status_code, "last": frames[-1] if frames else None, "errors": errors}
+
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        results = await asyncio.gather(*(one(client, i) for i in range(200)))
+    failed = [r for r in results if r["status"] != 200 or r["last"] != "[DONE]" or r["errors"]]
+    assert not failed, failed[:3]
+    assert "ChannelFull" not in web.output()

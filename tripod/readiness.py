@@ -1,0 +1,64 @@
+"""What ``/readyz`` checks: the database, the channel layer, and a model that can serve."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.db import connection
+
+from tripod.conf import config
+from tripod.registry import RegistryUnavailable, get_registry
+
+_loading: threading.Thread | None = None
+
+
+def _database() -> dict[str, Any]:
+    try:
+        connection.ensure_connection()
+        return {"ok": True}
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return {"ok": False, "error": str(exc)}
+
+
+def _inline_model() -> dict[str, Any]:
+    """Embedded mode: ready once the model is loaded; asking starts the load."""
+    global _loading
+    from tripod.engines import get_chat_model, loaded_chat_model
+
+    model = loaded_chat_model()
+    if model is not None and model.can_generate:
+        return {"ok": True, "model": model.model_name, "engine": model.engine}
+    if _loading is None or not _loading.is_alive():
+        _loading = threading.Thread(target=get_chat_model, name="tripod-model-load", daemon=True)
+        _loading.start()
+    return {"ok": False, "model": config().served_model_name, "error": "loading"}
+
+
+async def _workers() -> dict[str, Any]:
+    registry = get_registry()
+    try:
+        await registry.redis.ping()
+    except RegistryUnavailable as exc:
+        return {"ok": False, "error": f"Redis unreachable: {exc}"}
+    workers = await registry.workers()
+    models = sorted({w["model"] for w in workers})
+    return {
+        "ok": bool(workers),
+        "workers": len(workers),
+        "models": models,
+        **({} if workers else {"error": "no live worker; start `python -m asgi_worker`"}),
+    }
+
+
+def check() -> dict[str, dict[str, Any]]:
+    checks = {"database": _database()}
+    if config().inline_worker:
+        checks["channel_layer"] = {"ok": True, "backend": "in-memory"}
+        checks["model"] = _inline_model()
+    else:
+        workers = async_to_sync(_workers)()
+        checks["channel_layer"] = {"ok": "Redis unreachable" not in workers.get("error", ""), "backend": "redis"}
+        checks["workers"] = workers
+    return checks
