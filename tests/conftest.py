@@ -38,6 +38,16 @@ def redis_server() -> Iterator[RedisServer]:
         redis.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_module() -> Iterator[RedisServer]:
+    """A private redis-server shared by one test module."""
+    redis = RedisServer()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
 @pytest.fixture(scope="session")
 def chat_model():
     """The in-process engine the inline worker of this test process uses."""
