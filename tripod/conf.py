@@ -26,6 +26,7 @@ class Config:
     """Every Tripod knob with its type; defaults live in ``tripod/settings.py``."""
 
     model: str
+    adapter: str
     served_model_name: str
     engine: str
     device: str
@@ -68,6 +69,7 @@ def config() -> Config:
     model = raw["MODEL"]
     return Config(
         model=model,
+        adapter=raw.get("ADAPTER", ""),
         served_model_name=raw.get("SERVED_MODEL_NAME") or model,
         engine=raw["ENGINE"],
         device=raw["DEVICE"],

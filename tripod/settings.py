@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "channels",
     "rest_framework",
     "tripod",
+    "tripod.training",
 ]
 
 MIDDLEWARE = [
@@ -123,6 +124,7 @@ REST_FRAMEWORK = {
 
 TRIPOD = {
     "MODEL": os.environ.get("TRIPOD_MODEL", "tiny"),
+    "ADAPTER": os.environ.get("TRIPOD_ADAPTER", ""),
     "SERVED_MODEL_NAME": os.environ.get("TRIPOD_SERVED_MODEL_NAME", ""),
     "ENGINE": os.environ.get("TRIPOD_ENGINE", "hf"),
     "DEVICE": os.environ.get("TRIPOD_DEVICE", "auto"),

@@ -1,0 +1,1 @@
+"""The training leg: supervised fine-tuning whose output the server loads."""
