@@ -1,0 +1,122 @@
+"""The same load on the engine in this process, no server: what the server's overhead is measured against.
+
+N threads call ``model.stream(...)`` and time its deltas as a client times frames. At most ``slots``
+generations run at once, as in the server's worker, so that TTFT includes the same wait for a slot.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tripod.bench.metrics import RequestResult
+from tripod.bench.transports import describe
+
+
+def load_engine(model: str | None, engine: str) -> Any:
+    """The shared ``ChatModel`` for ``model`` (default: ``TRIPOD_MODEL``), loaded; sets up Django first."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
+    import django
+
+    django.setup()
+    from tripod.engines import get_chat_model
+
+    return get_chat_model(model or None, engine)
+
+
+def engine_slots(chat_model: Any) -> int:
+    """The slots the server's worker would give this engine: ``TRIPOD_SLOTS`` or the engine's default."""
+    from tripod.conf import config
+
+    return config().slots or chat_model.default_slots
+
+
+def run_one(chat_model: Any, prompt: str, output_len: int, ignore_eos: bool, temperature: float, seed: int | None):
+    """Time one generation; the caller holds a slot for it."""
+    result = RequestResult()
+    started = time.perf_counter()
+    last = None
+    try:
+        stream = chat_model.stream(
+            [{"role": "user", "content": prompt}],
+            max_tokens=output_len,
+            ignore_eos=ignore_eos,
+            temperature=temperature,
+            seed=seed,
+        )
+        for delta in stream:
+            if not delta.text:
+                continue
+            now = time.perf_counter()
+            if last is None:
+                result.ttft = now - started
+            else:
+                result.itl.append(now - last)
+            last = now
+            result.content_pieces += 1
+        result.prompt_tokens = stream.prompt_tokens
+        result.output_tokens = stream.completion_tokens
+        result.ok = True
+    except Exception as exc:  # noqa: BLE001 - every failure is a counted result, never a crash
+        result.error = describe(exc)
+    result.e2el = time.perf_counter() - started
+    return result
+
+
+def run_threads(
+    chat_model: Any,
+    prompts: list[str],
+    concurrency: int,
+    slots: int,
+    output_len: int,
+    ignore_eos: bool,
+    temperature: float,
+    seed: int | None,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> tuple[list[RequestResult], float]:
+    """``concurrency`` threads send every prompt once; ``slots`` bounds the generations running at once."""
+
+    def request(index: int) -> RequestResult:
+        # The clock starts before the wait for a slot, as a server request's clock starts before its queue.
+        started = time.perf_counter()
+        with gate:
+            result = run_one(
+                chat_model,
+                prompts[index],
+                output_len,
+                ignore_eos,
+                temperature,
+                None if seed is None or temperature == 0 else seed + index,
+            )
+        waited = time.perf_counter() - started - result.e2el
+        result.e2el += waited
+        if result.ttft is not None:
+            result.ttft += waited
+        return result
+
+    gate = threading.BoundedSemaphore(slots) if slots > 0 else threading.BoundedSemaphore(len(prompts) or 1)
+    results: list[RequestResult | None] = [None] * len(prompts)
+    next_index = iter(range(len(prompts)))
+    index_lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with index_lock:
+                index = next(next_index, None)
+            if index is None:
+                return
+            results[index] = result = request(index)
+            if on_result is not None:
+                on_result(result)
+
+    threads = [threading.Thread(target=worker, name=f"bench-client-{n}") for n in range(min(concurrency, len(prompts)))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    duration = time.perf_counter() - started
+    return [result for result in results if result is not None], duration
