@@ -15,6 +15,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.urls import path  # noqa: E402
 
 from consumers.websocket import ChatConsumer  # noqa: E402
+from tripod.auth import log_open_server  # noqa: E402
 
 websocket_urlpatterns = [
     path("ws/chat/", ChatConsumer.as_asgi()),
@@ -26,3 +27,5 @@ application = ProtocolTypeRouter(
         "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
     }
 )
+
+log_open_server()

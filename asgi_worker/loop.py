@@ -246,7 +246,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         prompt = job.get("messages") if job.get("messages") is not None else job.get("prompt", "")
         params = SamplingParams.from_message(job.get("params") or {})
-        stream = await loop.run_in_executor(self._executor, model.start, prompt, params)
+        stream = await loop.run_in_executor(self._executor, model.start, prompt, params, job.get("max_prompt_tokens"))
         self.running[job_id] = stream
         try:
             started = {

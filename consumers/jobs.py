@@ -10,17 +10,22 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
 from tripod import events
+from tripod.auth import OPEN, Principal
 from tripod.conf import WORKERS_GROUP, config, job_channel_for
 from tripod.engines.base import Delta
-from tripod.errors import APIError, EngineFailure, ModelNotFound, ServiceUnavailable
-from tripod.protocol import GenerationRequest
+from tripod.errors import APIError, EngineFailure, InvalidRequest, ModelNotFound, ServiceUnavailable
+from tripod.protocol import GenerationRequest, SamplingParams
+from tripod.ratelimit import Lease, admit
 from tripod.registry import RegistryUnavailable, get_registry
+from tripod.usage import record as record_usage
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +77,21 @@ def _layer_down(exc: BaseException) -> ServiceUnavailable:
     return ServiceUnavailable(f"The channel layer (Redis) is unavailable: {exc}", code="channel_layer_unavailable")
 
 
+def _capped(params: SamplingParams, cap: int) -> SamplingParams:
+    """Apply the server's ``max_tokens`` cap: a larger request is refused, an open-ended one is capped."""
+    if not cap:
+        return params
+    if params.max_tokens is None:
+        return replace(params, max_tokens=cap)
+    if params.max_tokens > cap:
+        raise InvalidRequest(
+            f"'max_tokens' is {params.max_tokens}; this server allows at most {cap}.",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
+    return params
+
+
 class GenerationJob:
     """One generation as its client sees it: ``start()``, iterate ``deltas()``, ``close()``.
 
@@ -79,8 +99,10 @@ class GenerationJob:
     which tells the worker to stop; use ``async with``.
     """
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: GenerationRequest, principal: Principal = OPEN) -> None:
         self.request = request
+        self.principal = principal
+        self.lease: Lease | None = None
         self.model = request.model or config().served_model_name
         self.id = uuid.uuid4().hex
         self.layer = get_channel_layer()
@@ -93,6 +115,7 @@ class GenerationJob:
         self.usage: dict[str, int] | None = None
         self.finished = False
         self._cancel_sent = False
+        self._settled = False
         self._pending: asyncio.Future | None = None
 
     async def __aenter__(self) -> GenerationJob:
@@ -105,24 +128,30 @@ class GenerationJob:
         """Submit the job and wait until a worker has admitted it; errors raise ``APIError``."""
         cfg = config()
         self.model = await resolve_model(self.request.model)
+        params = _capped(self.request.params, cfg.max_tokens_cap)
+        try:
+            self.lease = await admit(self.principal)
+        except RegistryUnavailable as exc:
+            raise _layer_down(exc) from None
         if cfg.inline_worker:
             from asgi_worker.inline import ensure_inline_worker
 
             ensure_inline_worker()
         try:
-            await self._submit(cfg)
+            await self._submit(cfg, params)
         except RegistryUnavailable as exc:
             self.finished = True
             raise _layer_down(exc) from None
 
-    async def _submit(self, cfg) -> None:
+    async def _submit(self, cfg, params: SamplingParams) -> None:
         self.reply_channel = await self.layer.new_channel("tripod.reply.")
         job: dict[str, Any] = {
             "type": events.JOB,
             "id": self.id,
             "reply_channel": self.reply_channel,
             "model": self.model,
-            "params": self.request.params.to_message(),
+            "params": params.to_message(),
+            "max_prompt_tokens": cfg.max_prompt_tokens or None,
             "deadline": time.time() + cfg.queue_timeout,
         }
         if self.request.kind == "chat":
@@ -239,13 +268,28 @@ class GenerationJob:
             pass  # the worker notices its reader is gone when its own sends fail
 
     async def close(self) -> None:
-        """Stop the worker if the job is unfinished and stop listening; idempotent."""
+        """Stop the worker if the job is unfinished, stop listening, settle limits and usage; idempotent."""
         if self.reply_channel is not None and not self.finished:
             await self.cancel()
         self.finished = True
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
         self._pending = None
+        await self._settle()
+
+    async def _settle(self) -> None:
+        usage = self.usage or {}
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            try:
+                await lease.release(int(usage.get("total_tokens", 0)))
+            except RegistryUnavailable:
+                pass  # the window heals by itself; the slot lease expires
+        if self.principal.key_id is not None and self.reply_channel is not None and not self._settled:
+            self._settled = True
+            await sync_to_async(record_usage)(
+                self.principal.key_id, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+            )
 
     async def _next_event(self, timeout: float) -> dict[str, Any] | None:
         """The next event on the reply channel, or ``None`` after ``timeout`` (the receive stays pending)."""

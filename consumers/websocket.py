@@ -9,9 +9,11 @@ import asyncio
 import json
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from consumers.jobs import GenerationJob
+from tripod.auth import authenticate, websocket_token
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest
 from tripod.protocol import parse_chat_request, parse_completion_request
@@ -25,11 +27,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         self.jobs: dict[str, tuple[asyncio.Task, GenerationJob]] = {}
-        await self.accept()
+        subprotocols = self.scope.get("subprotocols") or []
+        token = websocket_token(dict(self.scope.get("headers") or []), subprotocols)
+        try:
+            self.principal = await sync_to_async(authenticate)(token)
+        except APIError:
+            await self.close()  # refuses the handshake (HTTP 403); the key is never echoed
+            return
+        # A browser that sent its key as a subprotocol needs one protocol chosen back.
+        await self.accept(subprotocol="tripod" if "tripod" in subprotocols else None)
 
     async def disconnect(self, code: int) -> None:
         # Nobody is left to read: stop every generation this socket started.
-        tasks = [task for task, _ in self.jobs.values()]
+        tasks = [task for task, _ in getattr(self, "jobs", {}).values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -45,6 +55,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             if text_data is None:
                 raise InvalidRequest("Frames must be JSON text, not binary.", code="invalid_frame")
+            limit = config().ws_max_frame_bytes
+            if len(text_data) > limit:
+                raise APIError(f"The frame is larger than {limit} bytes.", code="frame_too_large", status=413)
             try:
                 frame = json.loads(text_data)
             except json.JSONDecodeError as exc:
@@ -104,7 +117,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 status=429,
                 type="rate_limit_error",
             )
-        job = GenerationJob(request)  # resolves the model: an unknown one raises here
+        job = GenerationJob(request, self.principal)
         task = asyncio.create_task(self.run_job(request_id, job))
         self.jobs[key] = (task, job)
         task.add_done_callback(lambda _: self.jobs.pop(key, None))

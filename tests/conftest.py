@@ -16,7 +16,7 @@ __all__ = ["ROOT"]
 @pytest.fixture(scope="session")
 def server() -> Iterator[LiveServer]:
     """One daphne for the session, on the embedded defaults (inline worker, tiny model)."""
-    live = LiveServer({"TRIPOD_MAX_BODY_BYTES": "65536", "TRIPOD_WS_MAX_INFLIGHT": "4"})
+    live = LiveServer({"TRIPOD_MAX_BODY_BYTES": "65536", "TRIPOD_WS_MAX_INFLIGHT": "4", "TRIPOD_LOG_LEVEL": "INFO"})
     try:
         live.wait_ready()
         # Warm the model so that the first test does not pay for loading it.

@@ -63,10 +63,37 @@ class Process:
         self._log_file.close()
 
 
+def migrated_database() -> str:
+    """A fresh, migrated sqlite file for one server (and the tests that create its keys)."""
+    path = Path(tempfile.mkdtemp(prefix="tripod-db-")) / "db.sqlite3"
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env={**os.environ, "TRIPOD_DB_PATH": str(path)},
+        check=True,
+    )
+    return str(path)
+
+
+def manage(db_path: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``manage.py`` against a test server's database."""
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**os.environ, "TRIPOD_DB_PATH": db_path},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 class LiveServer(Process):
-    """A daphne serving ``tripod.asgi:application`` on a free port."""
+    """A daphne serving ``tripod.asgi:application`` on a free port, with its own migrated database."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
+        env = dict(env or {})
+        env.setdefault("TRIPOD_DB_PATH", migrated_database())
+        self.db_path = env["TRIPOD_DB_PATH"]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"

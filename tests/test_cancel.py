@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from channels.testing import WebsocketCommunicator
 
 from routing import application
 from tests.conftest import chat_body
 from tests.inprocess import HTTPExchange, wait_for
+
+# Auth checks whether keys exist, so requests touch the database.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 LONG = {"max_tokens": 1800, "ignore_eos": True}
 

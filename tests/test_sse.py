@@ -12,6 +12,9 @@ from routing import application
 from tests.conftest import chat_body, sse_events, sse_json
 from tests.inprocess import HTTPExchange
 
+# Auth checks whether keys exist, so requests touch the database.
+pytestmark = pytest.mark.django_db(transaction=True)
+
 
 def test_sse_framing_over_http(server):
     with httpx.stream(

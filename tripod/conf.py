@@ -40,6 +40,14 @@ class Config:
     engine_step_timeout: float
     sse_keepalive: float
     ws_max_inflight: int
+    ws_max_frame_bytes: int
+    max_prompt_tokens: int
+    max_tokens_cap: int
+    api_key: str
+    api_key_rpm: int | None
+    api_key_tpm: int | None
+    api_key_max_streams: int | None
+    auth_cache_seconds: float
     redis_url: str
     heartbeat_interval: float
     worker_ttl: float
@@ -63,6 +71,10 @@ def job_channel_for(model_name: str) -> str:
     return JOB_CHANNEL_PREFIX + slug
 
 
+def _optional_int(value) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
 @cache
 def config() -> Config:
     raw = settings.TRIPOD
@@ -83,6 +95,14 @@ def config() -> Config:
         engine_step_timeout=float(raw["ENGINE_STEP_TIMEOUT"]),
         sse_keepalive=float(raw["SSE_KEEPALIVE"]),
         ws_max_inflight=int(raw["WS_MAX_INFLIGHT"]),
+        ws_max_frame_bytes=int(raw.get("WS_MAX_FRAME_BYTES", 1 << 20)),
+        max_prompt_tokens=int(raw.get("MAX_PROMPT_TOKENS", 0)),
+        max_tokens_cap=int(raw.get("MAX_TOKENS_CAP", 0)),
+        api_key=raw.get("API_KEY", ""),
+        api_key_rpm=_optional_int(raw.get("API_KEY_RPM")),
+        api_key_tpm=_optional_int(raw.get("API_KEY_TPM")),
+        api_key_max_streams=_optional_int(raw.get("API_KEY_MAX_STREAMS")),
+        auth_cache_seconds=float(raw.get("AUTH_CACHE_SECONDS", 5)),
         redis_url=raw.get("REDIS_URL", ""),
         heartbeat_interval=float(raw.get("HEARTBEAT_INTERVAL", 1)),
         worker_ttl=float(raw.get("WORKER_TTL", 3)),

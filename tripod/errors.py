@@ -107,8 +107,8 @@ _DRF_CODES = {
     drf_exceptions.NotFound: ("invalid_request_error", "not_found"),
     drf_exceptions.UnsupportedMediaType: ("invalid_request_error", "unsupported_media_type"),
     drf_exceptions.NotAcceptable: ("invalid_request_error", "not_acceptable"),
-    drf_exceptions.NotAuthenticated: ("authentication_error", "invalid_api_key"),
-    drf_exceptions.AuthenticationFailed: ("authentication_error", "invalid_api_key"),
+    drf_exceptions.NotAuthenticated: ("invalid_request_error", "invalid_api_key"),
+    drf_exceptions.AuthenticationFailed: ("invalid_request_error", "invalid_api_key"),
     drf_exceptions.PermissionDenied: ("permission_error", "permission_denied"),
     drf_exceptions.Throttled: ("rate_limit_error", "rate_limit_exceeded"),
 }
@@ -117,7 +117,7 @@ _DRF_CODES = {
 def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF's EXCEPTION_HANDLER: every error a view raises leaves in OpenAI's shape."""
     if isinstance(exc, APIError):
-        return Response(exc.to_dict(), status=exc.status)
+        return Response(exc.to_dict(), status=exc.status, headers=getattr(exc, "headers", None))
     if isinstance(exc, drf_exceptions.APIException):
         err_type, code = next(
             (v for k, v in _DRF_CODES.items() if isinstance(exc, k)),

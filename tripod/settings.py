@@ -114,8 +114,8 @@ else:
     }
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tripod.auth.BearerKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["tripod.auth.HasPrincipal"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["tripod.api.parsers.OpenAIJSONParser"],
     "EXCEPTION_HANDLER": "tripod.errors.drf_exception_handler",
@@ -144,6 +144,15 @@ TRIPOD = {
     "ENGINE_STEP_TIMEOUT": float(os.environ.get("TRIPOD_ENGINE_STEP_TIMEOUT", "60")),
     "SSE_KEEPALIVE": float(os.environ.get("TRIPOD_SSE_KEEPALIVE", "10")),
     "WS_MAX_INFLIGHT": int(os.environ.get("TRIPOD_WS_MAX_INFLIGHT", "8")),
+    "WS_MAX_FRAME_BYTES": int(os.environ.get("TRIPOD_WS_MAX_FRAME_BYTES", str(1024 * 1024))),
+    "MAX_PROMPT_TOKENS": int(os.environ.get("TRIPOD_MAX_PROMPT_TOKENS", "0")),
+    "MAX_TOKENS_CAP": int(os.environ.get("TRIPOD_MAX_TOKENS_CAP", "0")),
+    # The seed's single key; stored keys come from `manage.py tripod_keys`.
+    "API_KEY": os.environ.get("API_KEY", ""),
+    "API_KEY_RPM": os.environ.get("TRIPOD_API_KEY_RPM", ""),
+    "API_KEY_TPM": os.environ.get("TRIPOD_API_KEY_TPM", ""),
+    "API_KEY_MAX_STREAMS": os.environ.get("TRIPOD_API_KEY_MAX_STREAMS", ""),
+    "AUTH_CACHE_SECONDS": float(os.environ.get("TRIPOD_AUTH_CACHE_SECONDS", "5")),
 }
 
 LOGGING = {

@@ -11,6 +11,7 @@ urlpatterns = [
     path("v1/completions", views.CompletionsView.as_view(), name="completions"),
     path("v1/models", views.ModelListView.as_view(), name="models"),
     path("v1/models/<path:model>", views.ModelDetailView.as_view(), name="model-detail"),
+    path("v1/usage", views.UsageView.as_view(), name="usage"),
     path("healthz", views.HealthView.as_view(), name="healthz"),
     path("readyz", views.ReadyView.as_view(), name="readyz"),
     path("admin/", admin.site.urls),

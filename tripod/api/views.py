@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 
 from consumers import sse
 from consumers.jobs import GenerationJob, served_models
-from tripod import readiness
+from tripod import readiness, usage
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest, ModelNotFound
 from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request
@@ -60,7 +60,7 @@ class GenerationView(APIView):
             # DRF skips the parser for an empty body and hands back an empty dict.
             raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
         generation = self.parse(request.data)
-        job = GenerationJob(generation)
+        job = GenerationJob(generation, request.user)
         if generation.stream:
             async_to_sync(_start)(job)
             return sse.streaming_response(job)
@@ -102,8 +102,25 @@ class ModelDetailView(APIView):
         return Response(_model_card(model))
 
 
+class UsageView(APIView):
+    """``GET /v1/usage``: the calling key's requests and tokens per day (last 30 days)."""
+
+    def get(self, request: Request) -> Response:
+        principal = request.user
+        if principal.key_id is None:
+            raise APIError(
+                "Usage is kept per stored API key; this request was not made with one.",
+                code="no_usage_for_caller",
+                status=404,
+            )
+        return Response({"object": "list", "key": principal.name, "data": usage.for_key(principal.key_id)})
+
+
 class HealthView(APIView):
     """``GET /healthz``: the process is up and answering."""
+
+    authentication_classes: list = []
+    permission_classes: list = []
 
     def get(self, request: Request) -> Response:
         return Response({"status": "ok"})
@@ -111,6 +128,9 @@ class HealthView(APIView):
 
 class ReadyView(APIView):
     """``GET /readyz``: 200 when requests can be served now, else 503 with what is missing."""
+
+    authentication_classes: list = []
+    permission_classes: list = []
 
     def get(self, request: Request) -> Response:
         checks = readiness.check()

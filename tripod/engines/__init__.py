@@ -48,6 +48,7 @@ def get_chat_model(model_name: str | None = None, engine: str | None = None) -> 
                 dtype=cfg.dtype,
                 step_timeout=cfg.engine_step_timeout,
                 cache_dir=cfg.cache_dir,
+                adapter=cfg.adapter,
                 upstream_url=cfg.upstream_url,
                 upstream_api_key=cfg.upstream_api_key,
             )

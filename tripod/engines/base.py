@@ -180,15 +180,17 @@ class ChatModel:
     def load(self) -> None:
         """Load weights; called once by the factory, off the event loop."""
 
-    def start(self, prompt: Prompt, params: SamplingParams) -> TokenStream:
-        """Tokenize ``prompt``, check it against the context, and return a cancellable stream."""
-        raw, max_tokens = self._start_raw(prompt, params)
+    def start(self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None) -> TokenStream:
+        """Tokenize ``prompt``, check it against the context (and ``max_prompt_tokens``), return a stream."""
+        raw, max_tokens = self._start_raw(prompt, params, max_prompt_tokens)
         stream = TokenStream(raw, params, max_tokens, on_finish=self._record)
         with self._lock:
             self._active[stream.id] = stream
         return stream
 
-    def _start_raw(self, prompt: Prompt, params: SamplingParams) -> tuple[RawGeneration, int]:
+    def _start_raw(
+        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
+    ) -> tuple[RawGeneration, int]:
         raise NotImplementedError
 
     def _record(self, stream: TokenStream) -> None:

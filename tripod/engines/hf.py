@@ -185,6 +185,7 @@ class HFChatModel(ChatModel):
         self.dtype = pick_dtype(options.get("dtype", "auto"), self.device)
         self.step_timeout = float(options.get("step_timeout", 60.0))
         self.cache_dir = options.get("cache_dir")
+        self.adapter = options.get("adapter") or ""
 
     @property
     def can_generate(self) -> bool:
@@ -195,6 +196,12 @@ class HFChatModel(ChatModel):
         logger.info("loading %s from %s on %s (%s)", self.model_name, path, self.device, self.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        if self.adapter:
+            from peft import PeftModel
+
+            # A LoRA adapter from `run_train`: merged once at load, so generation costs what the base model costs.
+            logger.info("applying the adapter %s", self.adapter)
+            model = PeftModel.from_pretrained(model, self.adapter).merge_and_unload()
         self.model = model.to(self.device).eval()
         config = self.model.config
         self.context_length = int(
@@ -227,9 +234,17 @@ class HFChatModel(ChatModel):
             raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _start_raw(self, prompt: Prompt, params: SamplingParams) -> tuple[RawGeneration, int]:
+    def _start_raw(
+        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
+    ) -> tuple[RawGeneration, int]:
         ids = self.encode(prompt)
         param = "prompt" if isinstance(prompt, str) else "messages"
+        if max_prompt_tokens and len(ids) > max_prompt_tokens:
+            raise InvalidRequest(
+                f"Your {param} is {len(ids)} tokens; this server accepts at most {max_prompt_tokens}.",
+                param=param,
+                code="prompt_too_long",
+            )
         room = self.context_length - len(ids)
         if room < 1:
             raise ContextLengthExceeded(

@@ -137,7 +137,10 @@ class OpenAIRelayModel(ChatModel):
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 
-    def _start_raw(self, prompt: Prompt, params: SamplingParams) -> tuple[RawGeneration, int]:
+    def _start_raw(
+        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
+    ) -> tuple[RawGeneration, int]:
+        # Prompt lengths are the upstream's to check: only it has the tokenizer.
         kind = "completion" if isinstance(prompt, str) else "chat"
         path = "/completions" if kind == "completion" else "/chat/completions"
         request = self.client.build_request("POST", path, json=self._body(prompt, params))

@@ -1,0 +1,287 @@
+"""Access control on a real daphne: keys on every route and transport, limits, usage, no key in logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import chat_body
+from tests.processes import LiveServer, manage
+
+WRONG = "tpd_this-is-not-a-key-0000000000000000000000000"
+ENV_KEY = "sk-single-env-key-for-the-seed"
+
+
+def create_key(db_path: str, name: str, *flags: str) -> str:
+    result = manage(db_path, "tripod_keys", "create", name, *flags)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def secured():
+    """A server with stored keys, the seed's API_KEY, tight limits, and debug logging."""
+    server = LiveServer(
+        {
+            "API_KEY": ENV_KEY,
+            "TRIPOD_AUTH_CACHE_SECONDS": "0",
+            "TRIPOD_LOG_LEVEL": "DEBUG",
+            "TRIPOD_MAX_TOKENS_CAP": "50",
+            "TRIPOD_MAX_PROMPT_TOKENS": "300",
+            "TRIPOD_WS_MAX_FRAME_BYTES": "4000",
+        }
+    )
+    keys = {
+        "good": create_key(server.db_path, "good"),
+        "revoked": create_key(server.db_path, "revoked"),
+        "streams": create_key(server.db_path, "streams", "--max-streams", "1"),
+        "tokens": create_key(server.db_path, "tokens", "--tpm", "30"),
+    }
+    assert manage(server.db_path, "tripod_keys", "revoke", "revoked").returncode == 0
+    server.wait_ready()
+    try:
+        yield server, keys
+    finally:
+        server.stop()
+
+
+def headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+ROUTES = [
+    ("POST", "/v1/chat/completions", chat_body(max_tokens=2)),
+    ("POST", "/v1/chat/completions", chat_body(max_tokens=2, stream=True)),
+    ("POST", "/api/chat/completions", chat_body(max_tokens=2)),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/models/tiny", None),
+    ("GET", "/v1/usage", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+@pytest.mark.parametrize("who", ["none", "wrong", "revoked", "good", "env"])
+def test_auth_matrix_over_http(secured, method, path, body, who):
+    server, keys = secured
+    key = {"none": None, "wrong": WRONG, "revoked": keys["revoked"], "good": keys["good"], "env": ENV_KEY}[who]
+    response = httpx.request(method, server.url + path, json=body, headers=headers(key), timeout=60)
+    if who in ("none", "wrong", "revoked"):
+        assert response.status_code == 401, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_api_key" and set(error) == {"message", "type", "param", "code"}
+        assert response.headers["www-authenticate"].startswith("Bearer")
+    elif path == "/v1/usage" and who == "env":
+        assert response.status_code == 404  # usage is kept per stored key
+    else:
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_endpoints_need_no_key(secured, path):
+    server, _ = secured
+    assert httpx.get(server.url + path, timeout=30).status_code in (200, 503)
+    assert httpx.get(server.url + path, timeout=30).status_code != 401
+
+
+async def ws_chat(url: str, **connect) -> dict:
+    async with websockets.connect(url + "/ws/chat/", open_timeout=10, **connect) as ws:
+        await ws.send(json.dumps({"type": "chat", "id": 1, **chat_body(max_tokens=2)}))
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["type"] in ("done", "error"):
+                return frame
+
+
+@pytest.mark.parametrize("who", ["none", "wrong", "revoked", "good", "env"])
+@pytest.mark.parametrize("via", ["header", "subprotocol"])
+async def test_auth_matrix_over_websocket(secured, who, via):
+    server, keys = secured
+    key = {"none": None, "wrong": WRONG, "revoked": keys["revoked"], "good": keys["good"], "env": ENV_KEY}[who]
+    connect = {}
+    if key and via == "header":
+        connect["additional_headers"] = headers(key)
+    if via == "subprotocol":
+        connect["subprotocols"] = ["tripod"] + ([f"bearer.{key}"] if key else [])
+    if who in ("none", "wrong", "revoked"):
+        with pytest.raises(InvalidStatus) as info:
+            await ws_chat(server.ws_url, **connect)
+        assert info.value.response.status_code == 403
+    else:
+        frame = await ws_chat(server.ws_url, **connect)
+        assert frame["type"] == "done" and frame["usage"]["completion_tokens"] == 2
+
+
+def test_openai_sdk_with_a_key(secured):
+    server, keys = secured
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=keys["good"], max_retries=0)
+    assert client.chat.completions.create(model="tiny", messages=chat_body()["messages"], max_tokens=3).usage
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key=WRONG, max_retries=0).models.list()
+
+
+def test_usage_counts_exact_tokens_for_the_calling_key(secured):
+    server, _ = secured
+    key = create_key(server.db_path, "usage-probe")
+    answers = [
+        httpx.post(server.url + "/v1/chat/completions", json=chat_body(max_tokens=n), headers=headers(key), timeout=60)
+        for n in (3, 5)
+    ]
+    usage = httpx.get(server.url + "/v1/usage", headers=headers(key)).json()
+    assert usage["key"] == "usage-probe"
+    (today,) = usage["data"]
+    assert today["requests"] == 2
+    assert today["completion_tokens"] == 8
+    assert today["prompt_tokens"] == sum(a.json()["usage"]["prompt_tokens"] for a in answers)
+
+
+async def test_concurrent_generation_limit(secured):
+    server, keys = secured
+    async with httpx.AsyncClient(timeout=60) as client:
+        first = client.stream(
+            "POST",
+            server.url + "/v1/chat/completions",
+            json=chat_body(max_tokens=50, ignore_eos=True, stream=True),
+            headers=headers(keys["streams"]),
+        )
+        async with first as streaming:
+            assert streaming.status_code == 200
+            second = await client.post(
+                server.url + "/v1/chat/completions", json=chat_body(max_tokens=2), headers=headers(keys["streams"])
+            )
+            assert second.status_code == 429
+            assert second.json()["error"]["code"] == "rate_limit_exceeded"
+            assert int(second.headers["retry-after"]) >= 1
+            await streaming.aread()
+        third = await client.post(
+            server.url + "/v1/chat/completions", json=chat_body(max_tokens=2), headers=headers(keys["streams"])
+        )
+        assert third.status_code == 200
+
+
+def test_tokens_per_minute_are_settled_when_a_request_ends(secured):
+    server, keys = secured
+    first = httpx.post(
+        server.url + "/v1/chat/completions", json=chat_body(max_tokens=20), headers=headers(keys["tokens"]), timeout=60
+    )
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] >= 30
+    second = httpx.post(
+        server.url + "/v1/chat/completions", json=chat_body(max_tokens=2), headers=headers(keys["tokens"]), timeout=60
+    )
+    assert second.status_code == 429
+    assert "tokens per minute" in second.json()["error"]["message"]
+    assert 1 <= int(second.headers["retry-after"]) <= 60
+
+
+async def test_rate_limit_on_the_websocket_is_an_error_frame_for_that_request_only(secured):
+    server, keys = secured
+    async with websockets.connect(server.ws_url + "/ws/chat/", additional_headers=headers(keys["streams"])) as ws:
+        await ws.send(json.dumps({"type": "chat", "id": "a", **chat_body(max_tokens=50, ignore_eos=True)}))
+        await ws.send(json.dumps({"type": "chat", "id": "b", **chat_body(max_tokens=2)}))
+        frames = {}
+        while "a" not in frames or "b" not in frames:
+            frame = json.loads(await ws.recv())
+            if frame["type"] in ("done", "error"):
+                frames[frame["id"]] = frame
+        assert frames["b"]["type"] == "error" and frames["b"]["error"]["code"] == "rate_limit_exceeded"
+        assert frames["a"]["type"] == "done"
+
+
+def test_server_limits(secured):
+    server, keys = secured
+    auth = headers(keys["good"])
+    capped = httpx.post(server.url + "/v1/chat/completions", json=chat_body(max_tokens=51), headers=auth, timeout=60)
+    assert capped.status_code == 400 and capped.json()["error"]["param"] == "max_tokens"
+    open_ended = httpx.post(server.url + "/v1/chat/completions", json=chat_body(), headers=auth, timeout=60)
+    assert open_ended.json()["usage"]["completion_tokens"] <= 50
+    long_prompt = httpx.post(
+        server.url + "/v1/chat/completions", json=chat_body("word " * 400, max_tokens=2), headers=auth, timeout=60
+    )
+    assert long_prompt.status_code == 400 and long_prompt.json()["error"]["code"] == "prompt_too_long"
+
+
+async def test_websocket_frame_size_limit(secured):
+    server, keys = secured
+    async with websockets.connect(server.ws_url + "/ws/chat/", additional_headers=headers(keys["good"])) as ws:
+        await ws.send(json.dumps({"type": "chat", "id": "big", **chat_body("x" * 5000)}))
+        frame = json.loads(await ws.recv())
+        assert frame["type"] == "error" and frame["error"]["code"] == "frame_too_large"
+        await ws.send(json.dumps({"type": "chat", "id": "ok", **chat_body(max_tokens=1)}))
+        while (frame := json.loads(await ws.recv()))["type"] not in ("done", "error"):
+            pass
+        assert frame["type"] == "done"
+
+
+def test_no_log_line_contains_a_key(secured):
+    server, keys = secured
+    # Exercise every path that could log: failures and successes, REST, SSE, WebSocket.
+    for key in (*keys.values(), ENV_KEY, WRONG):
+        httpx.post(server.url + "/v1/chat/completions", json=chat_body(max_tokens=1), headers=headers(key), timeout=60)
+        httpx.get(server.url + "/v1/models?api_key=" + key[:4], headers=headers(key), timeout=60)
+        try:
+            asyncio.run(ws_chat(server.ws_url, subprotocols=["tripod", f"bearer.{key}"]))
+        except InvalidStatus:
+            pass
+    log = server.output()
+    assert "DEBUG" in log, "the server logged at debug level"
+    for key in (*keys.values(), ENV_KEY, WRONG):
+        assert key not in log
+
+
+def test_an_open_server_says_so_at_startup(server):
+    assert "the server is OPEN" in server.output()
+
+
+def test_key_management_command(tmp_path):
+    from tests.processes import migrated_database
+
+    db = migrated_database()
+    key = create_key(db, "alice", "--rpm", "5", "--tpm", "1000", "--max-streams", "2")
+    assert key.startswith("tpd_") and len(key) > 40
+    listing = manage(db, "tripod_keys", "list").stdout
+    assert "alice" in listing and "rpm=5 tpm=1000 max_streams=2" in listing and key not in listing
+    assert manage(db, "tripod_keys", "create", "alice").returncode != 0
+    assert manage(db, "tripod_keys", "create", "bob", "--rpm", "0").returncode != 0
+    assert manage(db, "tripod_keys", "revoke", "alice").returncode == 0
+    assert "revoked" in manage(db, "tripod_keys", "list").stdout
+    assert manage(db, "tripod_keys", "revoke", "nobody").returncode != 0
+
+
+async def test_rpm_is_exact_across_two_web_processes_sharing_redis(redis_server):
+    """50 concurrent requests, 2 web processes, 1 key allowed 20 per minute: exactly 20 pass."""
+    from tests.processes import WorkerProcess, migrated_database
+
+    db = migrated_database()
+    key = create_key(db, "burst", "--rpm", "20")
+    env = {"REDIS_URL": redis_server.url, "TRIPOD_DB_PATH": db}
+    webs = [LiveServer(env), LiveServer(env)]
+    worker = WorkerProcess(redis_server.url, "--slots", "8")
+    try:
+        for web in webs:
+            web.wait_ready()
+        worker.wait_serving()
+        async with httpx.AsyncClient(timeout=60) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        webs[i % 2].url + "/v1/chat/completions", json=chat_body(max_tokens=1), headers=headers(key)
+                    )
+                    for i in range(50)
+                )
+            )
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(200) == 20, statuses
+        assert statuses.count(429) == 30, statuses
+        limited = [r for r in responses if r.status_code == 429]
+        assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in limited)
+        assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in limited)
+    finally:
+        worker.stop()
+        for web in webs:
+            web.stop()
