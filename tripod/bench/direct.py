@@ -20,8 +20,10 @@ def load_engine(model: str | None, engine: str) -> Any:
     """The shared ``ChatModel`` for ``model`` (default: ``TRIPOD_MODEL``), loaded; sets up Django first."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
     import django
+    from django.apps import apps
 
-    django.setup()
+    if not apps.ready:  # a host process (a test, a shell) may have set Django up already
+        django.setup()
     from tripod.engines import get_chat_model
 
     return get_chat_model(model or None, engine)
