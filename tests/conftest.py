@@ -13,10 +13,21 @@ from tests.processes import ROOT, LiveServer, RedisServer
 __all__ = ["ROOT"]
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[LiveServer]:
-    """One daphne for the session, on the embedded defaults (inline worker, tiny model)."""
-    live = LiveServer({"TRIPOD_MAX_BODY_BYTES": "65536", "TRIPOD_WS_MAX_INFLIGHT": "4", "TRIPOD_LOG_LEVEL": "INFO"})
+ENGINES = ["hf", "hf-cb"]
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def server(request) -> Iterator[LiveServer]:
+    """A daphne on the embedded defaults (inline worker, tiny model), once per engine: every API test runs
+    against both ``hf`` and ``hf-cb``."""
+    live = LiveServer(
+        {
+            "TRIPOD_ENGINE": request.param,
+            "TRIPOD_MAX_BODY_BYTES": "65536",
+            "TRIPOD_WS_MAX_INFLIGHT": "4",
+            "TRIPOD_LOG_LEVEL": "INFO",
+        }
+    )
     try:
         live.wait_ready()
         # Warm the model so that the first test does not pay for loading it.

@@ -32,6 +32,9 @@ class Config:
     device: str
     dtype: str
     slots: int
+    cb_num_blocks: int
+    cb_max_batch_tokens: int
+    cb_cuda_graph: str
     cache_dir: Path
     max_body_bytes: int
     max_messages: int
@@ -87,6 +90,9 @@ def config() -> Config:
         device=raw["DEVICE"],
         dtype=raw["DTYPE"],
         slots=int(raw["SLOTS"]),
+        cb_num_blocks=int(raw.get("CB_NUM_BLOCKS", 0)),
+        cb_max_batch_tokens=int(raw.get("CB_MAX_BATCH_TOKENS", 0)),
+        cb_cuda_graph=str(raw.get("CB_CUDA_GRAPH", "auto")),
         cache_dir=Path(raw["CACHE_DIR"]).expanduser(),
         max_body_bytes=int(raw["MAX_BODY_BYTES"]),
         max_messages=int(raw["MAX_MESSAGES"]),

@@ -49,6 +49,9 @@ def get_chat_model(model_name: str | None = None, engine: str | None = None) -> 
                 step_timeout=cfg.engine_step_timeout,
                 cache_dir=cfg.cache_dir,
                 adapter=cfg.adapter,
+                cb_num_blocks=cfg.cb_num_blocks,
+                cb_max_batch_tokens=cfg.cb_max_batch_tokens,
+                cb_cuda_graph=cfg.cb_cuda_graph,
                 upstream_url=cfg.upstream_url,
                 upstream_api_key=cfg.upstream_api_key,
             )

@@ -21,7 +21,7 @@ from tripod.responses import chat_completion
 Prompt = list[dict[str, Any]] | str
 
 # Engine name -> module that defines it; imported on first use so that heavy imports stay lazy.
-ENGINE_MODULES = {"hf": "tripod.engines.hf", "openai": "tripod.engines.openai_relay"}
+ENGINE_MODULES = {"hf": "tripod.engines.hf", "hf-cb": "tripod.engines.hf_cb", "openai": "tripod.engines.openai_relay"}
 
 
 @dataclass

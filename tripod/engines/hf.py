@@ -234,9 +234,8 @@ class HFChatModel(ChatModel):
             raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _start_raw(
-        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
-    ) -> tuple[RawGeneration, int]:
+    def prepare(self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None) -> tuple[list[int], int]:
+        """Token ids of the prompt and the new-token budget, after every length check."""
         ids = self.encode(prompt)
         param = "prompt" if isinstance(prompt, str) else "messages"
         if max_prompt_tokens and len(ids) > max_prompt_tokens:
@@ -259,5 +258,10 @@ class HFChatModel(ChatModel):
                 "completion). Please reduce the length of the prompt or the completion.",
                 param="max_tokens",
             )
-        max_new_tokens = params.max_tokens if params.max_tokens is not None else room
+        return ids, params.max_tokens if params.max_tokens is not None else room
+
+    def _start_raw(
+        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
+    ) -> tuple[RawGeneration, int]:
+        ids, max_new_tokens = self.prepare(prompt, params, max_prompt_tokens)
         return HFGeneration(self, ids, params, max_new_tokens), max_new_tokens

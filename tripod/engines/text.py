@@ -36,3 +36,38 @@ class StopMatcher:
         """At the end of generation, what was held back was not a stop after all."""
         held, self._held = self._held, ""
         return "" if self.stopped else held
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text pieces, in constant work per token.
+
+    Decodes only a short window (vLLM's prefix/read offsets) and holds back text that ends in an
+    incomplete UTF-8 sequence (``\\ufffd``) until the next token completes it.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, new_tokens: list[int]) -> str:
+        self.tokens.extend(new_tokens)
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        text = self._decode(self.tokens[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.tokens)
+            return text[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever was held back, at the end of the generation."""
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        text = self._decode(self.tokens[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.tokens)
+        return text[len(prefix) :] if len(text) > len(prefix) else ""

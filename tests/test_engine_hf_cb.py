@@ -1,0 +1,116 @@
+"""The continuous-batching engine on the real tiny model: same answers as ``hf``, per-request seeds, cancel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tripod.engines import ChatModel
+from tripod.engines.hf_cb import noise_key, uniform_noise
+from tripod.errors import EngineFailure, InvalidRequest
+
+MESSAGES = [{"role": "user", "content": "Tell me about rivers."}]
+
+
+@pytest.fixture(scope="module")
+def cb_model(chat_model):
+    model = ChatModel(engine="hf-cb", model_name="tiny", path=chat_model.tokenizer.name_or_path)
+    model.load()
+    yield model
+    model.manager.stop(block=True)
+
+
+def text_of(model, **params) -> str:
+    return model.generate(MESSAGES, **params)["choices"][0]["message"]["content"]
+
+
+def test_greedy_matches_the_hf_engine_with_exact_usage(cb_model, chat_model):
+    ours = cb_model.generate(MESSAGES, max_tokens=24, temperature=0)
+    reference = chat_model.generate(MESSAGES, max_tokens=24, temperature=0)
+    assert ours["choices"][0]["message"] == reference["choices"][0]["message"]
+    assert ours["usage"] == reference["usage"]
+    assert ours["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_seed_reproduces_its_output_whatever_shares_the_batch(cb_model):
+    alone = text_of(cb_model, max_tokens=24, temperature=1.0, seed=7)
+    assert alone != text_of(cb_model, max_tokens=24, temperature=1.0, seed=8)
+    results: list[str] = [""] * 8
+
+    def run(i: int) -> None:
+        seed = 7 if i % 2 == 0 else 1000 + i
+        results[i] = text_of(cb_model, max_tokens=24 + i, temperature=1.0, seed=seed)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in (0, 2, 4, 6):
+        assert results[i][: len(alone)] == alone
+    assert len({results[i] for i in (1, 3, 5, 7)}) == 4
+
+
+def test_top_k_one_is_greedy(cb_model):
+    assert text_of(cb_model, max_tokens=16, temperature=1.5, top_k=1, seed=3) == text_of(
+        cb_model, max_tokens=16, temperature=0
+    )
+
+
+def test_stop_sequences_in_the_text_layer(cb_model):
+    full = text_of(cb_model, max_tokens=40, temperature=0.8, seed=3)
+    stop = full[12:16]
+    response = cb_model.generate(MESSAGES, max_tokens=40, temperature=0.8, seed=3, stop=[stop])
+    assert response["choices"][0]["message"]["content"] == full[: full.index(stop)]
+    assert response["choices"][0]["finish_reason"] == "stop"
+
+
+def test_cancel_removes_the_request_from_the_batch(cb_model):
+    stream = cb_model.stream(MESSAGES, max_tokens=1800, ignore_eos=True)
+    seen = 0
+    for delta in stream:
+        seen += delta.tokens
+        if seen >= 3:
+            stream.cancel()
+    assert stream.finish_reason is None and cb_model.history[-1].cancelled
+    scheduler = cb_model.manager.batch_processor.scheduler
+    deadline = time.monotonic() + 5
+    while scheduler.active_requests or scheduler.waiting_requests:
+        assert time.monotonic() < deadline, "the cancelled request is still in the batch"
+        time.sleep(0.01)
+    assert stream.completion_tokens < 1800
+
+
+def test_penalties_are_refused_by_name(cb_model):
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(InvalidRequest) as info:
+            cb_model.stream(MESSAGES, max_tokens=4, **{name: 1.0})
+        assert info.value.param == name
+
+
+def test_an_engine_failure_ends_the_stream_with_an_error(cb_model):
+    def explode(*args, **kwargs):
+        raise RuntimeError("injected CB fault")
+
+    hook = cb_model.model.model.layers[0].register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(EngineFailure):
+            list(cb_model.stream(MESSAGES, max_tokens=5))
+    finally:
+        hook.remove()
+    # The manager survives the failed batch and serves the next request.
+    assert cb_model.generate(MESSAGES, max_tokens=3, temperature=0)["usage"]["completion_tokens"] == 3
+
+
+def test_noise_is_a_pure_function_of_the_key():
+    import torch
+
+    keys = torch.tensor([noise_key(1, 0), noise_key(1, 1), noise_key(1, 0)], dtype=torch.int32)
+    noise = uniform_noise(keys, 50)
+    assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
+    assert float(noise.min()) > 0 and float(noise.max()) < 1
+    # Roughly uniform: the mean of many draws is near one half.
+    many = uniform_noise(torch.arange(1, 2001, dtype=torch.int32), 100)
+    assert abs(float(many.mean()) - 0.5) < 0.01

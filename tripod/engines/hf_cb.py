@@ -1,0 +1,289 @@
+"""The continuous-batching engine (``hf-cb``): transformers' ``ContinuousBatchingManager``.
+
+All requests share one generation loop that re-forms the batch every step, so throughput grows with
+concurrency instead of each request paying for its own ``generate``. Per-request sampling runs as
+continuous-batching logits processors; the sampling noise is Gumbel-max keyed by the request's seed
+and step (a counter-based hash), so a seed reproduces its output whatever else shares the batch.
+Stop strings and finish reasons live in the shared text layer (``TokenStream``), as for ``hf``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+    ContinuousBatchingTemperatureLogitsWarper,
+    ContinuousBatchingTopKLogitsWarper,
+    ContinuousBatchingTopPLogitsWarper,
+)
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from tripod.engines.base import Delta, Prompt, RawGeneration
+from tripod.engines.hf import HFChatModel
+from tripod.engines.text import IncrementalDetokenizer
+from tripod.errors import EngineFailure, InvalidRequest
+from tripod.protocol import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_MASK32 = 0xFFFFFFFF
+
+
+def noise_key(seed: int, step: int) -> int:
+    """A non-zero 31-bit key for (seed, step); 0 means "no noise" (greedy)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & ((1 << 64) - 1)
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)
+    x ^= x >> 32
+    return (x & 0x7FFFFFFF) or 1
+
+
+def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform (0, 1) noise of shape [len(keys), vocab], a pure function of each row's key (murmur3 finaliser)."""
+    index = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    x = (keys.to(torch.int64).unsqueeze(-1) * 0x27D4EB2F + index * 0x165667B1) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & _MASK32
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & _MASK32
+    x = x ^ (x >> 16)
+    return ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+class SeededGumbelSampler(ContinuousBatchingLogitsProcessor):
+    """Per-request Gumbel-max noise: argmax(logprobs + Gumbel) draws from the (warped) distribution."""
+
+    supported_kwargs: dict[str, type] = {"seed": int}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
+        keys = []
+        for request in requests_with_new_token:
+            seed = request.state.logit_processor_kwargs.get("seed")
+            keys.append(0 if seed is None else noise_key(seed, request.state.generated_len()))
+        return torch.tensor(keys, dtype=torch.int32, device="cpu")
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        keys = tensor_arg[: scores.size(0)]
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
+        gumbel = -torch.log(-torch.log(uniform_noise(keys, scores.size(-1))))
+        sampled = logprobs + gumbel
+        return torch.where((keys != 0).unsqueeze(-1), sampled, scores.float()).to(scores.dtype)
+
+
+def sampling_processors(vocab_size: int) -> ContinuousBatchingLogitsProcessorList:
+    """Temperature, top-k, top-p (transformers' per-request processors) then the seeded sampler."""
+    processors = LogitsProcessorList(
+        [
+            ContinuousBatchingTemperatureLogitsWarper(TemperatureLogitsWarper(1.0)),
+            ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(top_k=vocab_size)),
+            ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(1.0)),
+            SeededGumbelSampler(),
+        ]
+    )
+    chain = ContinuousBatchingLogitsProcessorList(processors, per_request_processors=False)
+    chain.tensors_required = len(processors)  # one int32 row of arguments per processor
+    return chain
+
+
+class _DirectDispatch:
+    """Stands in for an event loop in the manager's result handlers: deliver on the generation thread.
+
+    ``register_result_handler`` needs a running asyncio loop; engines are driven from worker threads, so
+    each request's outputs go straight into that request's own queue instead.
+    """
+
+    @staticmethod
+    def call_soon_threadsafe(callback, *args) -> None:
+        callback(*args)
+
+
+_CANCELLED = object()
+
+
+class CBGeneration(RawGeneration):
+    """One request inside the shared continuous batch."""
+
+    def __init__(self, model: HFContinuousBatchingModel, input_ids: list[int], params: SamplingParams, max_new: int):
+        super().__init__()
+        self.model = model
+        self.prompt_tokens = len(input_ids)
+        self.request_id = uuid.uuid4().hex
+        self.outputs: queue.Queue = queue.Queue()
+        self.detokenizer = IncrementalDetokenizer(model.tokenizer)
+        self.finished = False
+        manager = model.manager
+        with manager.output_router._lock:
+            manager.output_router.result_handlers[self.request_id] = (self.outputs.put, _DirectDispatch)
+        kwargs: dict[str, Any] = {}
+        if not params.greedy:
+            kwargs = {
+                "temperature": float(params.temperature),
+                "top_k": int(params.top_k or model.vocab_size),
+                "top_p": float(max(params.top_p, 1e-6)),
+                "seed": int(params.seed if params.seed is not None else secrets.randbits(63)),
+            }
+        accepted = manager.add_request(
+            input_ids,
+            request_id=self.request_id,
+            max_new_tokens=max_new,
+            streaming=True,
+            eos_token_id=-1 if params.ignore_eos else sorted(model.eos_ids),
+            **kwargs,
+        )
+        if accepted is None:
+            self._forget()
+            raise EngineFailure("The continuous batching manager is not accepting requests.", code="engine_error")
+
+    @classmethod
+    def start(cls, model: HFContinuousBatchingModel, *args) -> CBGeneration:
+        """Start a request; a manager whose loop died on an earlier error is replaced once, first."""
+        model.ensure_manager()
+        return cls(model, *args)
+
+    def __iter__(self) -> Iterator[Delta]:
+        seen = 0
+        try:
+            while True:
+                try:
+                    output = self.outputs.get(timeout=self.model.step_timeout)
+                except queue.Empty:
+                    raise EngineFailure(
+                        f"The engine produced nothing for {self.model.step_timeout:g} s.", code="engine_timeout"
+                    ) from None
+                if output is _CANCELLED or self.cancel_event.is_set():
+                    return
+                if output.error:
+                    raise EngineFailure(f"The engine failed: {output.error}", code="engine_error")
+                tokens = output.generated_tokens
+                new = tokens[seen:]
+                seen = len(tokens)
+                self.completion_tokens = seen
+                done = output.is_finished()
+                if done and tokens and tokens[-1] in self.model.eos_ids:
+                    self.eos = True
+                text = self.detokenizer.add(new) if new else ""
+                if done:
+                    text += self.detokenizer.flush()
+                if text or new:
+                    yield Delta(text, len(new))
+                if done:
+                    self.finished = True
+                    return
+        finally:
+            self._forget()
+
+    def cancel(self) -> None:
+        super().cancel()
+        if not self.finished:
+            self.model.manager.cancel_request(self.request_id)
+        # A cancelled request gets no final output from the manager: end our own stream.
+        self.outputs.put(_CANCELLED)
+
+    def _forget(self) -> None:
+        router = self.model.manager.output_router
+        with router._lock:
+            router.result_handlers.pop(self.request_id, None)
+
+    def close(self) -> None:
+        if not self.finished:
+            self.cancel()
+        self._forget()
+
+
+class HFContinuousBatchingModel(HFChatModel):
+    """``hf-cb``: the transformers model behind one ``ContinuousBatchingManager``."""
+
+    engine = "hf-cb"
+    default_slots = 64
+
+    def __init__(self, engine: str | None = None, model_name: str | None = None, **options: Any) -> None:
+        super().__init__(engine, model_name, **options)
+        self.manager = None
+        self.cb_num_blocks = options.get("cb_num_blocks") or None
+        self.cb_max_batch_tokens = options.get("cb_max_batch_tokens") or None
+        self.cb_cuda_graph = options.get("cb_cuda_graph", "auto")
+
+    def load(self) -> None:
+        super().load()
+        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
+        self._manager_lock = threading.Lock()
+        self._start_manager()
+
+    def ensure_manager(self) -> None:
+        """Replace the manager if its generation loop stopped (a failed batch kills it in transformers 5.24)."""
+        manager = self.manager
+        if manager.is_running() and manager.background_thread_status.fatal_error is None:
+            return
+        with self._manager_lock:
+            if self.manager is manager:
+                logger.warning(
+                    "continuous batching loop stopped (%s); starting a new one",
+                    manager.background_thread_status.fatal_error,
+                )
+                try:
+                    manager.stop(block=True, timeout=10)
+                except Exception:  # noqa: BLE001 - the old loop is dead already
+                    logger.debug("stopping the dead manager failed", exc_info=True)
+                self.model.destroy_cached_continuous_batching_manager()
+                self._start_manager()
+
+    def _start_manager(self) -> None:
+        on_gpu = self.device.startswith("cuda")
+        if not on_gpu:
+            # Auto-sizing takes most of host RAM on CPU: size the KV cache from settings instead.
+            self.cb_num_blocks = self.cb_num_blocks or 512
+            self.cb_max_batch_tokens = self.cb_max_batch_tokens or 1024
+        use_graph = on_gpu if self.cb_cuda_graph == "auto" else self.cb_cuda_graph in (True, "1", "true", "yes")
+        cb_config = ContinuousBatchingConfig(
+            num_blocks=self.cb_num_blocks,
+            max_batch_tokens=self.cb_max_batch_tokens,
+            use_cuda_graph=use_graph,
+            max_memory_percent=0.8,  # our processors make vocabulary-sized temporaries
+            per_request_processors=False,
+        )
+        generation_config = GenerationConfig(
+            do_sample=False,  # sampling is the seeded Gumbel-max processor's job: argmax after it
+            max_new_tokens=self.context_length,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+        )
+        manager = self.model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=cb_config
+        )
+        manager.logit_processor = sampling_processors(self.vocab_size)
+        manager.start()
+        self.manager = manager
+        logger.info(
+            "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s",
+            self.device,
+            self.cb_num_blocks,
+            self.cb_max_batch_tokens,
+            use_graph,
+        )
+
+    def _start_raw(
+        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
+    ) -> tuple[RawGeneration, int]:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(params, name):
+                raise InvalidRequest(
+                    f"'{name}' is not supported by the hf-cb engine (its batch has no per-request history);"
+                    " use TRIPOD_ENGINE=hf for penalties.",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+        ids, max_new = self.prepare(prompt, params, max_prompt_tokens)
+        return CBGeneration.start(self, ids, params, max_new), max_new
