@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -25,6 +26,7 @@ from transformers import (
 )
 
 from tripod.engines.base import ChatModel, Delta, Prompt, RawGeneration
+from tripod.engines.random_weights import is_random, load_random_model
 from tripod.engines.sampling import build_logits_processors
 from tripod.engines.tiny import resolve_model_path
 from tripod.errors import ContextLengthExceeded, EngineFailure, InvalidRequest
@@ -184,7 +186,7 @@ class HFChatModel(ChatModel):
         self.device = pick_device(options.get("device", "auto"))
         self.dtype = pick_dtype(options.get("dtype", "auto"), self.device)
         self.step_timeout = float(options.get("step_timeout", 60.0))
-        self.cache_dir = options.get("cache_dir")
+        self.cache_dir = Path(options.get("cache_dir") or Path.home() / ".cache" / "tripod")
         self.adapter = options.get("adapter") or ""
 
     @property
@@ -192,10 +194,14 @@ class HFChatModel(ChatModel):
         return self.model is not None
 
     def load(self) -> None:
-        path = resolve_model_path(self.path, self.cache_dir) if self.cache_dir else self.path
-        logger.info("loading %s from %s on %s (%s)", self.model_name, path, self.device, self.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        if is_random(self.path):
+            logger.info("building %s with random weights on %s (%s)", self.path, self.device, self.dtype)
+            self.tokenizer, model = load_random_model(self.path, self.cache_dir, self.device, self.dtype)
+        else:
+            path = resolve_model_path(self.path, self.cache_dir)
+            logger.info("loading %s from %s on %s (%s)", self.model_name, path, self.device, self.dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         if self.adapter:
             from peft import PeftModel
 

@@ -1,0 +1,63 @@
+"""Random-weight models for benchmarks: ``TRIPOD_MODEL=random:path/to/config.json``.
+
+Like vLLM's dummy load format, the model is built from its config with random weights, so a GPU
+benchmark needs no download: decoding speed does not depend on the values of the weights. The tokenizer
+is the built-in tiny one, padded with filler tokens (`` t123``) up to the config's vocabulary, so
+that every generated id decodes to visible text and streams like a real token.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from tripod.engines.tiny import ensure_tiny_model
+
+PREFIX = "random:"
+SEED = 0
+
+
+def is_random(model: str) -> bool:
+    return model.startswith(PREFIX)
+
+
+def padded_tokenizer_dir(vocab_size: int, cache_dir: Path) -> Path:
+    """The tiny tokenizer padded to ``vocab_size`` ids, built once per size."""
+    target = cache_dir / f"random-tokenizer-v2-{vocab_size}"
+    if (target / "tokenizer_config.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".random-tokenizer-v2-{vocab_size}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "tokenizer_config.json").exists():
+            return target
+        tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(cache_dir))
+        if vocab_size < len(tokenizer):
+            raise ValueError(f"random models need a vocabulary of at least {len(tokenizer)} ids")
+        # Word-like fillers (" t123") so that streamers release each one at once, as they do real words.
+        tokenizer.add_tokens([AddedToken(f" t{i}", normalized=False) for i in range(len(tokenizer), vocab_size)])
+        staging = Path(tempfile.mkdtemp(prefix=".random-tokenizer-", dir=cache_dir))
+        try:
+            tokenizer.save_pretrained(staging / "tok")
+            os.replace(staging / "tok", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_random_model(spec: str, cache_dir: Path, device: str, dtype: torch.dtype):
+    """Tokenizer and randomly initialised model for ``random:CONFIG``; weights are created on ``device``."""
+    config = AutoConfig.from_pretrained(spec[len(PREFIX) :])
+    tokenizer = AutoTokenizer.from_pretrained(padded_tokenizer_dir(config.vocab_size, cache_dir))
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer, model
