@@ -6,12 +6,15 @@ import json
 import random
 import subprocess
 import sys
+import threading
+import time
 
 import numpy
 import pytest
 
 from tests.processes import ROOT, LiveServer, free_port
 from tripod.bench.cli import parse_args, run_benchmark
+from tripod.bench.direct import FairSlots
 from tripod.bench.metrics import RequestResult, percentile, summarize
 
 NUM_REQUESTS = 4
@@ -152,3 +155,37 @@ def test_tpot_excludes_the_first_token_and_failures_are_left_out_of_latencies():
     assert summary["mean_e2el_ms"] == pytest.approx(500.0)
     assert summary["completed"] == 1 and summary["failed"] == 1
     assert summary["errors"] == [{"message": "boom", "count": 1}]
+
+
+def test_direct_slots_admit_waiters_in_arrival_order():
+    """--direct queues like the server: a client that asks again goes behind those already waiting."""
+    slots = FairSlots(2)
+    admitted: list[int] = []
+    running = peak = 0
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        nonlocal running, peak
+        for _ in range(3):
+            with slots:
+                with lock:
+                    admitted.append(number)
+                    running += 1
+                    peak = max(peak, running)
+                time.sleep(0.01)
+                with lock:
+                    running -= 1
+
+    slots.__enter__(), slots.__enter__()  # both slots busy: every client queues
+    threads = []
+    for number in range(4):
+        threads.append(threading.Thread(target=client, args=(number,)))
+        threads[-1].start()
+        while slots._next_ticket < number + 3:  # wait until this client holds its ticket
+            time.sleep(0.001)
+    slots.__exit__(None, None, None), slots.__exit__(None, None, None)
+    for thread in threads:
+        thread.join()
+    # An unfair semaphore lets clients 0 and 1 take their slots straight back: [0, 1, 0, 1, ...].
+    assert admitted[:4] == [0, 1, 2, 3]
+    assert sorted(admitted) == sorted(list(range(4)) * 3) and peak == 2

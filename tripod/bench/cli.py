@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from tripod.bench.load import default_model, run_clients
 from tripod.bench.machine import git_commit, machine_info
-from tripod.bench.metrics import RequestResult, error_summary, summarize
+from tripod.bench.metrics import RequestResult, error_summary, per_request, summarize
 from tripod.bench.prompts import PromptSet, build_prompts, load_tokenizer
 from tripod.bench.transports import TRANSPORTS, Target
 
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     parser.add_argument("--label", help="free text stored in the JSON")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    parser.add_argument(
+        "--detailed", action="store_true", help="also store each request's lengths and latencies (seconds), as vLLM"
+    )
     direct = parser.add_argument_group("in-process engine")
     direct.add_argument("--direct", action="store_true", help="run the load on the engine in-process, no server")
     direct.add_argument("--engine", default="hf", help="engine for --direct")
@@ -229,6 +232,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "errors": error_summary(run.warmup),
     }
     report["notes"] = notes
+    if args.detailed:
+        report.update(per_request(run.results))
     report["machine"] = machine_info()
     report["commit"] = commit
     report["commit_dirty"] = dirty

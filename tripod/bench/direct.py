@@ -36,6 +36,36 @@ def engine_slots(chat_model: Any) -> int:
     return config().slots or chat_model.default_slots
 
 
+class FairSlots:
+    """A counting semaphore that admits waiters in arrival order.
+
+    ``threading.Semaphore`` is not fair: a thread that releases a slot often takes it straight back, so
+    with more clients than slots some requests starve while others run twice. The server's job queue is
+    first in, first out, and so is this.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._condition = threading.Condition()
+        self._free = slots
+        self._next_ticket = 0
+        self._admitted = 0
+
+    def __enter__(self) -> None:
+        with self._condition:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._condition.wait_for(lambda: ticket == self._admitted and self._free > 0)
+            self._admitted += 1
+            self._free -= 1
+            # The next ticket may find a slot free too.
+            self._condition.notify_all()
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._condition:
+            self._free += 1
+            self._condition.notify_all()
+
+
 def run_one(chat_model: Any, prompt: str, output_len: int, ignore_eos: bool, temperature: float, seed: int | None):
     """Time one generation; the caller holds a slot for it."""
     result = RequestResult()
@@ -99,7 +129,7 @@ def run_threads(
             result.ttft += waited
         return result
 
-    gate = threading.BoundedSemaphore(slots) if slots > 0 else threading.BoundedSemaphore(len(prompts) or 1)
+    gate = FairSlots(slots if slots > 0 else max(len(prompts), 1))
     results: list[RequestResult | None] = [None] * len(prompts)
     next_index = iter(range(len(prompts)))
     index_lock = threading.Lock()

@@ -100,3 +100,15 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         summary.update(latency_stats(name, samples[name]))
     summary["errors"] = error_summary(results)
     return summary
+
+
+def per_request(results: list[RequestResult]) -> dict[str, list[Any]]:
+    """Each request's numbers in prompt order, under the names of vLLM's ``--save-detailed`` (seconds)."""
+    return {
+        "input_lens": [result.prompt_tokens for result in results],
+        "output_lens": [result.output_tokens for result in results],
+        "ttfts": [result.ttft for result in results],
+        "e2els": [result.e2el for result in results],
+        "itls": [result.itl for result in results],
+        "request_errors": [result.error for result in results],
+    }
