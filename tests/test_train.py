@@ -187,3 +187,22 @@ def test_a_run_that_fails_after_starting_is_recorded_as_failed(dataset, tmp_path
     run = TrainingRun.objects.get()
     assert run.status == TrainingRun.Status.FAILED
     assert "nope" in run.error and run.finished_at is not None
+
+
+@pytest.mark.django_db
+def test_runs_are_listed_in_the_admin(admin_client):
+    TrainingRun.objects.create(config={"model_name_or_path": "tiny", "finetuning_type": "lora"}, output_dir="/x/lora")
+    TrainingRun.objects.create(
+        config={"model_name_or_path": "tiny", "finetuning_type": "full"},
+        output_dir="/x/full",
+        status=TrainingRun.Status.FAILED,
+        error="boom",
+        global_step=3,
+        max_steps=8,
+    )
+    page = admin_client.get("/admin/training/trainingrun/").content.decode()
+    for field, value in [("output_dir", "/x/lora"), ("finetuning_type", "lora"), ("status", "Running")]:
+        assert f'class="field-{field}">{value}<' in page
+    for field, value in [("output_dir", "/x/full"), ("model_name", "tiny"), ("status", "Failed"), ("steps", "3/8")]:
+        assert f'class="field-{field}">{value}<' in page
+    assert admin_client.get("/admin/training/trainingrun/add/").status_code == 403, "runs come from run_train"

@@ -9,7 +9,17 @@ from tripod.training.models import TrainingRun
 
 @admin.register(TrainingRun)
 class TrainingRunAdmin(admin.ModelAdmin):
-    list_display = ("id", "model_name", "finetuning_type", "status", "started_at", "steps", "final_loss", "output_dir")
+    list_display = (
+        "id",
+        "model_name",
+        "finetuning_type",
+        "status",
+        "started_at",
+        "took",
+        "steps",
+        "final_loss",
+        "output_dir",
+    )
     list_filter = ("status",)
     search_fields = ("output_dir", "error")
     date_hierarchy = "started_at"
@@ -27,3 +37,7 @@ class TrainingRunAdmin(admin.ModelAdmin):
     @admin.display(description="steps")
     def steps(self, run: TrainingRun) -> str:
         return f"{run.global_step}/{run.max_steps}"
+
+    @admin.display(description="duration")
+    def took(self, run: TrainingRun) -> str:
+        return f"{run.duration.total_seconds():.0f} s"

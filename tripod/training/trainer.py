@@ -177,7 +177,6 @@ def _train(config: TrainConfig, conversations: list[Conversation], run: Training
         _name_base_model(output_dir, config.model_name_or_path)
     trainer.save_metrics("train", {**outcome.metrics, "examples": len(examples.rows)})
     plot_losses(output_dir)
-    run.refresh_from_db(fields=["final_loss"])
     run.progress(trainer.state.global_step, trainer.state.max_steps, run.final_loss)
     logger.info("trained %d steps; final loss %s; model in %s", trainer.state.global_step, run.final_loss, output_dir)
     return TrainResult(run.pk, output_dir, keep_adapter, trainer.state.global_step, run.final_loss, len(examples.rows))
