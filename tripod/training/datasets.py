@@ -35,7 +35,7 @@ def read_records(path: Path) -> list[tuple[str, Any]]:
         raise DatasetError(f"dataset file not found: {path}") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
