@@ -30,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=float(os.environ.get("TRIPOD_DRAIN_TIMEOUT", "30")),
         help="seconds to finish running jobs after SIGTERM (default: $TRIPOD_DRAIN_TIMEOUT, else 30)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("TRIPOD_METRICS_PORT", "0")),
+        help="serve Prometheus metrics on this port (default: $TRIPOD_METRICS_PORT, else none)",
+    )
     return parser.parse_args(argv)
 
 
@@ -74,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         registry=get_registry(),
         heartbeat_interval=cfg.heartbeat_interval,
     )
+
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -19,10 +19,11 @@ from typing import Any
 
 from channels.exceptions import ChannelFull
 
-from tripod import events
+from tripod import events, metrics
 from tripod.conf import WORKERS_GROUP
 from tripod.engines.base import ChatModel, TokenStream
 from tripod.errors import APIError, EngineFailure, ServiceUnavailable
+from tripod.logs import REQUEST_ID
 from tripod.protocol import SamplingParams
 from tripod.registry import RegistryUnavailable, WorkerRegistry
 
@@ -81,6 +82,8 @@ class Worker:
         if self.registry is not None:
             await self._model_instance()  # advertise only once the model can serve
             background.append(asyncio.create_task(self._heartbeat()))
+        self._metric_labels = {"model": self.model_name or self.job_channel, "worker": self.id}
+        metrics.WORKER_SLOTS.labels(**self._metric_labels).set(self.slots)
         logger.info("worker %s serving %s with %d slots", self.id, self.job_channel, self.slots)
         try:
             await self._pull_until_stopped()
@@ -218,6 +221,7 @@ class Worker:
     async def _serve(self, job: dict[str, Any]) -> None:
         job_id = str(job.get("id", ""))
         reply = job.get("reply_channel")
+        REQUEST_ID.set(str(job.get("request_id") or job_id))  # this task's logs carry the request id
         try:
             if not reply or job.get("type") != events.JOB:
                 logger.warning("dropping malformed job %r", job_id)
@@ -248,6 +252,7 @@ class Worker:
         params = SamplingParams.from_message(job.get("params") or {})
         stream = await loop.run_in_executor(self._executor, model.start, prompt, params, job.get("max_prompt_tokens"))
         self.running[job_id] = stream
+        metrics.WORKER_RUNNING.labels(**self._metric_labels).inc()
         try:
             started = {
                 "type": events.STARTED,
@@ -261,6 +266,8 @@ class Worker:
             await self._pump(job_id, reply, stream)
         finally:
             self.running.pop(job_id, None)
+            metrics.WORKER_RUNNING.labels(**self._metric_labels).dec()
+            metrics.WORKER_GENERATION_TOKENS.labels(**self._metric_labels).inc(stream.completion_tokens)
             logger.info(
                 "job %s finished: finish_reason=%s prompt_tokens=%d completion_tokens=%d",
                 job_id,

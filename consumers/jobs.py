@@ -22,12 +22,20 @@ from tripod.auth import OPEN, Principal
 from tripod.conf import WORKERS_GROUP, config, job_channel_for
 from tripod.engines.base import Delta
 from tripod.errors import APIError, EngineFailure, InvalidRequest, ModelNotFound, ServiceUnavailable
+from tripod.logs import REQUEST_ID
+from tripod.metrics import RequestMetrics
 from tripod.protocol import GenerationRequest, SamplingParams
 from tripod.ratelimit import Lease, admit
 from tripod.registry import RegistryUnavailable, get_registry
 from tripod.usage import record as record_usage
 
 logger = logging.getLogger(__name__)
+# One line per generation request: the access log of the API.
+request_log = logging.getLogger("tripod.requests")
+
+
+def _ms(later: float | None, earlier: float) -> float | None:
+    return None if later is None else round((later - earlier) * 1000, 2)
 
 
 async def served_models() -> list[str]:
@@ -99,12 +107,29 @@ class GenerationJob:
     which tells the worker to stop; use ``async with``.
     """
 
-    def __init__(self, request: GenerationRequest, principal: Principal = OPEN) -> None:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        principal: Principal = OPEN,
+        *,
+        transport: str = "rest",
+        request_id: str | None = None,
+    ) -> None:
         self.request = request
         self.principal = principal
+        self.transport = transport
         self.lease: Lease | None = None
         self.model = request.model or config().served_model_name
+        # Unique per job (cancels and claims use it); request_id is the caller's, for logs.
         self.id = uuid.uuid4().hex
+        self.request_id = request_id or REQUEST_ID.get() or self.id
+        self.metrics: RequestMetrics | None = None
+        self.error: APIError | None = None
+        self.created = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.completion_text: list[str] | None = [] if config().log_content else None
         self.layer = get_channel_layer()
         self.reply_channel: str | None = None
         self.worker: str | None = None
@@ -126,6 +151,13 @@ class GenerationJob:
 
     async def start(self) -> None:
         """Submit the job and wait until a worker has admitted it; errors raise ``APIError``."""
+        try:
+            await self._start()
+        except APIError as error:
+            self.error = error
+            raise
+
+    async def _start(self) -> None:
         cfg = config()
         self.model = await resolve_model(self.request.model)
         params = _capped(self.request.params, cfg.max_tokens_cap)
@@ -148,6 +180,7 @@ class GenerationJob:
         job: dict[str, Any] = {
             "type": events.JOB,
             "id": self.id,
+            "request_id": self.request_id,
             "reply_channel": self.reply_channel,
             "model": self.model,
             "params": params.to_message(),
@@ -158,6 +191,8 @@ class GenerationJob:
             job["messages"] = self.request.messages
         else:
             job["prompt"] = self.request.prompt
+        self.metrics = RequestMetrics(self.model, self.transport)
+        self.metrics.waiting()
         await self.layer.send(job_channel_for(self.model), job)
         event = await self._wait_admission(cfg)
         if event is None:
@@ -173,6 +208,8 @@ class GenerationJob:
         self.worker = event.get("worker")
         self.control_channel = event.get("control")
         self.prompt_tokens = int(event.get("prompt_tokens", 0))
+        self.admitted_at = time.monotonic()
+        self.metrics.admitted(self.admitted_at - self.created)
 
     async def _wait_admission(self, cfg) -> dict[str, Any] | None:
         """The worker's first event; scaled, give up early once no worker of the model is alive."""
@@ -203,6 +240,14 @@ class GenerationJob:
 
         Raises ``APIError`` on a worker error, or when the worker sends nothing for ``event_timeout``.
         """
+        try:
+            async for delta in self._deltas(tick):
+                yield delta
+        except APIError as error:
+            self.error = error
+            raise
+
+    async def _deltas(self, tick: float | None) -> AsyncIterator[Delta | None]:
         cfg = config()
         timeout = cfg.event_timeout
         registry = get_registry()
@@ -231,7 +276,9 @@ class GenerationJob:
             silent_since = time.monotonic()
             kind = event["type"]
             if kind == events.DELTA:
-                yield Delta(event["text"], int(event.get("tokens", 0)))
+                delta = Delta(event["text"], int(event.get("tokens", 0)))
+                self._observe(delta)
+                yield delta
             elif kind == events.DONE:
                 self.finished = True
                 self.finish_reason = event.get("finish_reason")
@@ -240,6 +287,19 @@ class GenerationJob:
             elif kind == events.ERROR:
                 self.finished = True
                 raise APIError.from_event(event)
+
+    def _observe(self, delta: Delta) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.metrics.first_token(now - self.created)
+            if delta.tokens > 1:
+                self.metrics.tokens(0.0, delta.tokens - 1)
+        elif delta.tokens:
+            self.metrics.tokens(now - self.last_token_at, delta.tokens)
+        self.last_token_at = now
+        if self.completion_text is not None:
+            self.completion_text.append(delta.text)
 
     async def _worker_alive(self, registry) -> bool:
         try:
@@ -277,7 +337,49 @@ class GenerationJob:
         self._pending = None
         await self._settle()
 
+    def _report(self) -> None:
+        """Metrics and the one JSON log line of this request."""
+        ended = time.monotonic()
+        if self.error is not None:
+            outcome = self.error.code or "error"
+            if self.metrics is not None:
+                self.metrics.failed(outcome, self.usage)
+            else:
+                # Refused before submission (unknown model, rate limit, no worker): count it all the same,
+                # without letting arbitrary model names become label values.
+                model = "(unknown)" if outcome == "model_not_found" else self.model
+                RequestMetrics(model, self.transport).failed(outcome)
+        else:
+            outcome = self.finish_reason or "cancelled"
+            if self.metrics is not None:
+                self.metrics.finished(ended - self.created, outcome, self.usage)
+        usage = self.usage or {}
+        entry = {
+            "event": "generation",
+            "request_id": self.request_id,
+            "job_id": self.id,
+            "model": self.model,
+            "transport": self.transport,
+            "key": self.principal.name,
+            "status": "error" if self.error is not None else "ok",
+            "error_code": self.error.code if self.error is not None else None,
+            "http_status": self.error.status if self.error is not None else 200,
+            "finish_reason": outcome if self.error is None else None,
+            "prompt_tokens": usage.get("prompt_tokens", self.prompt_tokens),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "queue_ms": _ms(self.admitted_at, self.created),
+            "ttft_ms": _ms(self.first_token_at, self.created),
+            "duration_ms": round((ended - self.created) * 1000, 2),
+            "worker": self.worker,
+        }
+        if self.completion_text is not None:
+            entry["prompt"] = self.request.messages if self.request.kind == "chat" else self.request.prompt
+            entry["completion"] = "".join(self.completion_text)
+        request_log.info("%s %s %s", self.transport, self.model, entry["status"], extra=entry)
+
     async def _settle(self) -> None:
+        if not self._settled:
+            self._report()
         usage = self.usage or {}
         if self.lease is not None:
             lease, self.lease = self.lease, None
@@ -285,8 +387,9 @@ class GenerationJob:
                 await lease.release(int(usage.get("total_tokens", 0)))
             except RegistryUnavailable:
                 pass  # the window heals by itself; the slot lease expires
-        if self.principal.key_id is not None and self.reply_channel is not None and not self._settled:
-            self._settled = True
+        first = not self._settled
+        self._settled = True
+        if self.principal.key_id is not None and self.reply_channel is not None and first:
             await sync_to_async(record_usage)(
                 self.principal.key_id, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
             )

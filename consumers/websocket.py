@@ -16,6 +16,7 @@ from consumers.jobs import GenerationJob
 from tripod.auth import authenticate, websocket_token
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest
+from tripod.logs import REQUEST_ID, clean_request_id
 from tripod.protocol import parse_chat_request, parse_completion_request
 
 MAX_ID_LENGTH = 128
@@ -117,18 +118,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 status=429,
                 type="rate_limit_error",
             )
-        job = GenerationJob(request, self.principal)
+        job = GenerationJob(request, self.principal, transport="ws", request_id=clean_request_id(None))
         task = asyncio.create_task(self.run_job(request_id, job))
         self.jobs[key] = (task, job)
         task.add_done_callback(lambda _: self.jobs.pop(key, None))
 
     async def run_job(self, request_id: Any, job: GenerationJob) -> None:
         """Frames for one request: start, deltas, done (or error)."""
+        REQUEST_ID.set(job.request_id)  # this task's logs carry the request id
         async with job:
             try:
                 await job.start()
                 await self.send_json(
-                    {"type": "start", "id": request_id, "model": job.model, "prompt_tokens": job.prompt_tokens}
+                    {
+                        "type": "start",
+                        "id": request_id,
+                        "model": job.model,
+                        "prompt_tokens": job.prompt_tokens,
+                        "request_id": job.request_id,
+                    }
                 )
                 seq = 0
                 async for delta in job.deltas():

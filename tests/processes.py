@@ -97,7 +97,8 @@ class LiveServer(Process):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "tripod.asgi:application"]
+        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "--access-log", os.devnull]
+        argv.append("tripod.asgi:application")
         super().__init__(f"daphne-{self.port}", argv, env)
 
     def wait_ready(self, timeout: float = 60) -> LiveServer:

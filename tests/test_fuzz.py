@@ -17,7 +17,7 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=12,
 )
-roles = st.sampled_from(["system", "user", "assistant", "tool", "developer", "robot", "", None])
+roles = st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "developer", "robot", "", None]), json_values)
 messages = st.lists(
     st.fixed_dictionaries(
         {"role": roles, "content": st.one_of(st.text(max_size=40), json_values)},

@@ -64,6 +64,8 @@ def test_bad_parameters_name_the_field(param, body):
         ("messages", "hi"),
         ("messages[0]", ["hi"]),
         ("messages[0].role", [{"role": "wizard", "content": "hi"}]),
+        ("messages[0].role", [{"role": {}, "content": "hi"}]),
+        ("messages[0].role", [{"role": ["user"], "content": "hi"}]),
         ("messages[1].content", [{"role": "user", "content": "hi"}, {"role": "user"}]),
         ("messages[0].content", [{"role": "user", "content": 5}]),
         ("messages[0].content[0]", [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),

@@ -51,6 +51,7 @@ class Config:
     api_key_tpm: int | None
     api_key_max_streams: int | None
     auth_cache_seconds: float
+    log_content: bool
     redis_url: str
     heartbeat_interval: float
     worker_ttl: float
@@ -109,6 +110,7 @@ def config() -> Config:
         api_key_tpm=_optional_int(raw.get("API_KEY_TPM")),
         api_key_max_streams=_optional_int(raw.get("API_KEY_MAX_STREAMS")),
         auth_cache_seconds=float(raw.get("AUTH_CACHE_SECONDS", 5)),
+        log_content=bool(raw.get("LOG_CONTENT", False)),
         redis_url=raw.get("REDIS_URL", ""),
         heartbeat_interval=float(raw.get("HEARTBEAT_INTERVAL", 1)),
         worker_ttl=float(raw.get("WORKER_TTL", 3)),

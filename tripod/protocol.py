@@ -279,7 +279,7 @@ def parse_messages(value: Any, max_messages: int) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise InvalidRequest(f"'{where}' must be an object.", param=where, code="invalid_type")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidRequest(
                 f"'{where}.role' must be one of {sorted(ROLES)}, got {role!r}.",
                 param=f"{where}.role",

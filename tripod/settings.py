@@ -34,11 +34,13 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "rest_framework",
+    "drf_spectacular",
     "tripod",
     "tripod.training",
 ]
 
 MIDDLEWARE = [
+    "tripod.logs.RequestIDMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -120,6 +122,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["tripod.api.parsers.OpenAIJSONParser"],
     "EXCEPTION_HANDLER": "tripod.errors.drf_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
 
 TRIPOD = {
@@ -156,14 +159,37 @@ TRIPOD = {
     "API_KEY_RPM": os.environ.get("TRIPOD_API_KEY_RPM", ""),
     "API_KEY_TPM": os.environ.get("TRIPOD_API_KEY_TPM", ""),
     "API_KEY_MAX_STREAMS": os.environ.get("TRIPOD_API_KEY_MAX_STREAMS", ""),
+    "LOG_CONTENT": os.environ.get("TRIPOD_LOG_CONTENT", "") in {"1", "true", "yes"},
     "AUTH_CACHE_SECONDS": float(os.environ.get("TRIPOD_AUTH_CACHE_SECONDS", "5")),
+}
+
+# JSON lines by default (one object per line, with the request id); TRIPOD_LOG_FORMAT=text for people.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "AI Tripod API",
+    "DESCRIPTION": (
+        "OpenAI-compatible REST API of AI Tripod. Streaming (`stream: true`) answers with Server-Sent Events "
+        "(docs/sse.md); the WebSocket protocol at /ws/chat/ is described in docs/websocket.md."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "tripod.logs.RequestIDFilter"}},
+    "formatters": {
+        "json": {"()": "tripod.logs.JsonFormatter"},
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": os.environ.get("TRIPOD_LOG_FORMAT", "json"),
+            "filters": ["request_id"],
+        }
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("TRIPOD_LOG_LEVEL", "INFO")},
     "loggers": {"django.channels.server": {"level": "WARNING"}},
 }

@@ -6,13 +6,16 @@ from __future__ import annotations
 import time
 
 from asgiref.sync import async_to_sync
+from django.http import HttpResponse
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from consumers import sse
 from consumers.jobs import GenerationJob, served_models
-from tripod import readiness, usage
+from tripod import metrics, readiness, usage
+from tripod.api import schema
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest, ModelNotFound
 from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request
@@ -60,13 +63,26 @@ class GenerationView(APIView):
             # DRF skips the parser for an empty body and hands back an empty dict.
             raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
         generation = self.parse(request.data)
-        job = GenerationJob(generation, request.user)
+        job = GenerationJob(
+            generation,
+            request.user,
+            transport="sse" if generation.stream else "rest",
+            request_id=getattr(request, "request_id", None),
+        )
         if generation.stream:
             async_to_sync(_start)(job)
             return sse.streaming_response(job)
         return Response(async_to_sync(_complete)(job))
 
 
+@extend_schema_view(
+    post=extend_schema(
+        summary="Create a chat completion",
+        operation_id="createChatCompletion",
+        request={"application/json": schema.CHAT_REQUEST},
+        responses=schema.generation_responses(schema.CHAT_COMPLETION),
+    )
+)
 class ChatCompletionsView(GenerationView):
     """``POST /v1/chat/completions`` (and the seed's ``/api/chat/completions``)."""
 
@@ -74,6 +90,14 @@ class ChatCompletionsView(GenerationView):
         return parse_chat_request(data, max_messages=config().max_messages)
 
 
+@extend_schema_view(
+    post=extend_schema(
+        summary="Create a text completion",
+        operation_id="createCompletion",
+        request={"application/json": schema.COMPLETION_REQUEST},
+        responses=schema.generation_responses(schema.TEXT_COMPLETION),
+    )
+)
 class CompletionsView(GenerationView):
     """``POST /v1/completions``: a raw prompt, no chat template."""
 
@@ -85,6 +109,11 @@ def _model_card(name: str) -> dict:
     return {"id": name, "object": "model", "created": _STARTED, "owned_by": "tripod"}
 
 
+@extend_schema_view(
+    get=extend_schema(
+        summary="List models", operation_id="listModels", responses=schema.plain_responses(schema.MODEL_LIST, 401)
+    )
+)
 class ModelListView(APIView):
     """``GET /v1/models``: the models a request can name now (scaled: those with a live worker)."""
 
@@ -93,6 +122,13 @@ class ModelListView(APIView):
         return Response({"object": "list", "data": [_model_card(name) for name in models]})
 
 
+@extend_schema_view(
+    get=extend_schema(
+        summary="Retrieve a model",
+        operation_id="retrieveModel",
+        responses=schema.plain_responses(schema.MODEL, 401, 404),
+    )
+)
 class ModelDetailView(APIView):
     """``GET /v1/models/<id>``."""
 
@@ -102,6 +138,13 @@ class ModelDetailView(APIView):
         return Response(_model_card(model))
 
 
+@extend_schema_view(
+    get=extend_schema(
+        summary="Usage of the calling key",
+        operation_id="getUsage",
+        responses=schema.plain_responses(schema.USAGE_LIST, 401, 404),
+    )
+)
 class UsageView(APIView):
     """``GET /v1/usage``: the calling key's requests and tokens per day (last 30 days)."""
 
@@ -116,6 +159,11 @@ class UsageView(APIView):
         return Response({"object": "list", "key": principal.name, "data": usage.for_key(principal.key_id)})
 
 
+@extend_schema_view(
+    get=extend_schema(
+        summary="Liveness", operation_id="health", responses=schema.plain_responses(schema.HEALTH), auth=[]
+    )
+)
 class HealthView(APIView):
     """``GET /healthz``: the process is up and answering."""
 
@@ -126,6 +174,14 @@ class HealthView(APIView):
         return Response({"status": "ok"})
 
 
+@extend_schema_view(
+    get=extend_schema(
+        summary="Readiness",
+        operation_id="ready",
+        responses={200: OpenApiResponse(schema.READY), 503: OpenApiResponse(schema.READY)},
+        auth=[],
+    )
+)
 class ReadyView(APIView):
     """``GET /readyz``: 200 when requests can be served now, else 503 with what is missing."""
 
@@ -137,3 +193,12 @@ class ReadyView(APIView):
         missing = [name for name, result in checks.items() if not result["ok"]]
         body = {"status": "not_ready" if missing else "ready", "missing": missing, "checks": checks}
         return Response(body, status=503 if missing else 200)
+
+
+@extend_schema(exclude=True)
+class MetricsView(APIView):
+    """``GET /metrics``: Prometheus exposition of this process (or of all, in multiprocess mode)."""
+
+    def get(self, request: Request) -> HttpResponse:
+        body, content_type = metrics.render()
+        return HttpResponse(body, content_type=content_type)

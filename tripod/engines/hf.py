@@ -24,6 +24,7 @@ from transformers import (
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
+from transformers.utils import logging as hf_logging
 
 from tripod.engines.base import ChatModel, Delta, Prompt, RawGeneration
 from tripod.engines.random_weights import is_random, load_random_model
@@ -194,6 +195,11 @@ class HFChatModel(ChatModel):
         return self.model is not None
 
     def load(self) -> None:
+        # transformers writes to stderr with its own handler and progress bars; route it through ours so
+        # that logs stay one JSON object per line.
+        hf_logging.disable_progress_bar()
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
         if is_random(self.path):
             logger.info("building %s with random weights on %s (%s)", self.path, self.device, self.dtype)
             self.tokenizer, model = load_random_model(self.path, self.cache_dir, self.device, self.dtype)
