@@ -11,11 +11,21 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.security.websocket import OriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from consumers.websocket import ChatConsumer  # noqa: E402
 from tripod.auth import log_open_server  # noqa: E402
+
+
+class BrowserOriginValidator(OriginValidator):
+    """Checks ``Origin`` against ALLOWED_HOSTS when there is one: browsers always send it, so cross-site pages
+    are refused; API clients (Python ``websockets``, curl) send none and are let through to the key check."""
+
+    def valid_origin(self, parsed_origin) -> bool:
+        return parsed_origin is None or super().valid_origin(parsed_origin)
+
 
 websocket_urlpatterns = [
     path("ws/chat/", ChatConsumer.as_asgi()),
@@ -24,7 +34,7 @@ websocket_urlpatterns = [
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns), settings.ALLOWED_HOSTS),
     }
 )
 

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from channels.exceptions import ChannelFull
@@ -250,8 +251,11 @@ class Worker:
         loop = asyncio.get_running_loop()
         prompt = job.get("messages") if job.get("messages") is not None else job.get("prompt", "")
         params = SamplingParams.from_message(job.get("params") or {})
-        stream = await loop.run_in_executor(self._executor, model.start, prompt, params, job.get("max_prompt_tokens"))
+        limits = {"max_prompt_tokens": job.get("max_prompt_tokens"), "max_tokens_cap": job.get("max_tokens_cap")}
+        stream = await loop.run_in_executor(self._executor, partial(model.start, prompt, params, **limits))
         self.running[job_id] = stream
+        if self._cancelled.pop(job_id, None) is not None:
+            stream.cancel()  # the client left while the job was loading or tokenizing
         metrics.WORKER_RUNNING.labels(**self._metric_labels).inc()
         try:
             started = {

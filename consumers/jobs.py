@@ -10,7 +10,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -30,6 +29,10 @@ from tripod.registry import RegistryUnavailable, get_registry
 from tripod.usage import record as record_usage
 
 logger = logging.getLogger(__name__)
+# After a client leaves, how long to wait for its worker's final usage report.
+DRAIN_SECONDS = 5.0
+# Background drains, kept referenced until they finish.
+_draining: set[asyncio.Task] = set()
 # One line per generation request: the access log of the API.
 request_log = logging.getLogger("tripod.requests")
 
@@ -85,19 +88,14 @@ def _layer_down(exc: BaseException) -> ServiceUnavailable:
     return ServiceUnavailable(f"The channel layer (Redis) is unavailable: {exc}", code="channel_layer_unavailable")
 
 
-def _capped(params: SamplingParams, cap: int) -> SamplingParams:
-    """Apply the server's ``max_tokens`` cap: a larger request is refused, an open-ended one is capped."""
-    if not cap:
-        return params
-    if params.max_tokens is None:
-        return replace(params, max_tokens=cap)
-    if params.max_tokens > cap:
+def _check_cap(params: SamplingParams, cap: int) -> None:
+    """A ``max_tokens`` above the server's cap is refused; an open-ended request is capped by the worker."""
+    if cap and params.max_tokens is not None and params.max_tokens > cap:
         raise InvalidRequest(
             f"'max_tokens' is {params.max_tokens}; this server allows at most {cap}.",
             param="max_tokens",
             code="max_tokens_too_large",
         )
-    return params
 
 
 class GenerationJob:
@@ -141,6 +139,7 @@ class GenerationJob:
         self.finished = False
         self._cancel_sent = False
         self._settled = False
+        self._closed = False
         self._pending: asyncio.Future | None = None
 
     async def __aenter__(self) -> GenerationJob:
@@ -160,7 +159,8 @@ class GenerationJob:
     async def _start(self) -> None:
         cfg = config()
         self.model = await resolve_model(self.request.model)
-        params = _capped(self.request.params, cfg.max_tokens_cap)
+        _check_cap(self.request.params, cfg.max_tokens_cap)
+        params = self.request.params
         try:
             self.lease = await admit(self.principal)
         except RegistryUnavailable as exc:
@@ -185,6 +185,7 @@ class GenerationJob:
             "model": self.model,
             "params": params.to_message(),
             "max_prompt_tokens": cfg.max_prompt_tokens or None,
+            "max_tokens_cap": cfg.max_tokens_cap or None,
             "deadline": time.time() + cfg.queue_timeout,
         }
         if self.request.kind == "chat":
@@ -193,7 +194,12 @@ class GenerationJob:
             job["prompt"] = self.request.prompt
         self.metrics = RequestMetrics(self.model, self.transport)
         self.metrics.waiting()
-        await self.layer.send(job_channel_for(self.model), job)
+        try:
+            await self.layer.send(job_channel_for(self.model), job)
+        except ChannelFull:
+            raise ServiceUnavailable(
+                f"Too many requests are waiting for model '{self.model}'; retry later.", code="queue_full"
+            ) from None
         event = await self._wait_admission(cfg)
         if event is None:
             raise ServiceUnavailable(
@@ -329,13 +335,44 @@ class GenerationJob:
 
     async def close(self) -> None:
         """Stop the worker if the job is unfinished, stop listening, settle limits and usage; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self.reply_channel is not None and not self.finished:
             await self.cancel()
+            if self.control_channel is not None:
+                # Admitted: its worker still reports the exact usage of what it generated. Read it in the
+                # background (the client is gone; nothing waits), so limits and usage count those tokens and
+                # no event is left behind in the channel layer.
+                self.finished = True
+                task = asyncio.create_task(self._drain_then_settle())
+                _draining.add(task)
+                task.add_done_callback(_draining.discard)
+                return
         self.finished = True
+        self._drop_pending()
+        await self._settle()
+
+    def _drop_pending(self) -> None:
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
         self._pending = None
-        await self._settle()
+
+    async def _drain_then_settle(self) -> None:
+        deadline = time.monotonic() + DRAIN_SECONDS
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                event = await self._next_event(left)
+                if event is None or event["type"] == events.ERROR:
+                    break
+                if event["type"] == events.DONE:
+                    self.usage = event.get("usage")
+                    break
+        except APIError:
+            pass
+        finally:
+            self._drop_pending()
+            await self._settle()
 
     def _report(self) -> None:
         """Metrics and the one JSON log line of this request."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -15,10 +16,11 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from consumers.jobs import GenerationJob
 from tripod.auth import authenticate, websocket_token
 from tripod.conf import config
-from tripod.errors import APIError, InvalidRequest
+from tripod.errors import APIError, EngineFailure, InvalidRequest
 from tripod.logs import REQUEST_ID, clean_request_id
 from tripod.protocol import parse_chat_request, parse_completion_request
 
+logger = logging.getLogger(__name__)
 MAX_ID_LENGTH = 128
 _FRAME_FIELDS = frozenset({"type", "id"})
 
@@ -61,7 +63,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 raise APIError(f"The frame is larger than {limit} bytes.", code="frame_too_large", status=413)
             try:
                 frame = json.loads(text_data)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, deep nesting
                 raise InvalidRequest(f"The frame is not valid JSON: {exc}", code="invalid_json") from None
             if not isinstance(frame, dict):
                 raise InvalidRequest("A frame must be a JSON object.", code="invalid_frame")
@@ -155,3 +157,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 )
             except APIError as error:
                 await self.send_error(request_id, error)
+            except Exception:  # noqa: BLE001 - a request must end with a frame, whatever broke
+                logger.exception("request %r failed", request_id)
+                await self.send_error(
+                    request_id, EngineFailure("The server failed while serving this request.", code="server_error")
+                )

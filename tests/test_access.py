@@ -285,3 +285,31 @@ async def test_rpm_is_exact_across_two_web_processes_sharing_redis(redis_server)
         worker.stop()
         for web in webs:
             web.stop()
+
+
+async def test_usage_counts_the_tokens_of_a_stream_the_client_left(secured):
+    server, _ = secured
+    key = create_key(server.db_path, "leaver")
+    body = chat_body(max_tokens=50, ignore_eos=True, stream=True)
+    async with httpx.AsyncClient(timeout=60) as client:
+        async with client.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers(key)) as r:
+            async for line in r.aiter_lines():
+                if '"content"' in line:
+                    break
+    for _ in range(100):
+        data = httpx.get(server.url + "/v1/usage", headers=headers(key)).json()["data"]
+        if data and data[0]["completion_tokens"] > 0:
+            break
+        await asyncio.sleep(0.1)
+    assert data[0]["requests"] == 1 and 0 < data[0]["completion_tokens"] <= 50
+
+
+def test_websocket_clients_without_an_origin_pass_and_foreign_pages_do_not():
+    server = LiveServer({"TRIPOD_ALLOWED_HOSTS": "127.0.0.1,localhost"}).wait_ready()
+    try:
+        assert asyncio.run(ws_chat(server.ws_url))["type"] == "done"
+        with pytest.raises(InvalidStatus):
+            asyncio.run(ws_chat(server.ws_url, origin="http://evil.example"))
+        assert asyncio.run(ws_chat(server.ws_url, origin=f"http://127.0.0.1:{server.port}"))["type"] == "done"
+    finally:
+        server.stop()

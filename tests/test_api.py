@@ -69,8 +69,9 @@ def test_text_completions_streamed_and_not(client):
 
 
 def test_default_completion_length_is_16_tokens(client):
-    response = client.completions.create(model="tiny", prompt="Once")
-    assert response.usage.completion_tokens == 16
+    # ignore_eos: a sampled EOS must not end it early; only the default length may.
+    response = client.completions.create(model="tiny", prompt="Once", extra_body={"ignore_eos": True})
+    assert response.usage.completion_tokens == 16 and response.choices[0].finish_reason == "length"
 
 
 def test_same_seed_same_output_through_the_server(client):
@@ -156,6 +157,8 @@ def test_malformed_json_and_non_objects(server):
     assert_error(post(server, b""), 400, code="invalid_json")
     assert_error(post(server, b"[1, 2]"), 400)
     assert_error(post(server, b"\xff\xfe"), 400, code="invalid_json")
+    assert_error(post(server, b"[" * 60_000), 400, code="invalid_json")  # nesting deeper than the parser goes
+    assert_error(post(server, b'{"max_tokens": ' + b"7" * 5000 + b"}"), 400, code="invalid_json")  # huge integer
 
 
 def test_prompt_longer_than_the_context(server):

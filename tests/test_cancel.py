@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from channels.testing import WebsocketCommunicator
@@ -116,3 +117,26 @@ async def test_cancelling_a_queued_request_means_it_never_runs(chat_model):
     await asyncio.sleep(0.5)
     new = list(chat_model.history)[before:]
     assert len(new) == 4 and all(r.cancelled for r in new)
+
+
+async def test_a_cancel_during_tokenization_still_stops_the_job(chat_model, monkeypatch):
+    """The client leaves while the worker is still preparing the job: the cancel must not be lost."""
+    original = chat_model.encode
+
+    def slow_encode(prompt):
+        time.sleep(0.5)
+        return original(prompt)
+
+    monkeypatch.setattr(chat_model, "encode", slow_encode)
+    before = len(chat_model.history)
+    communicator = WebsocketCommunicator(application, "/ws/chat/")
+    await communicator.connect()
+    await communicator.send_json_to({"type": "chat", "id": "slow", **chat_body(**LONG)})
+    await asyncio.sleep(0.2)
+    await communicator.send_json_to({"type": "cancel", "id": "slow"})
+    frame = await communicator.receive_json_from(10)
+    assert frame == {"type": "done", "id": "slow", "finish_reason": "cancelled", "usage": None}
+    await wait_for(lambda: len(chat_model.history) > before, message="the job to end")
+    record = chat_model.history[-1]
+    assert record.cancelled and record.completion_tokens < 50, record
+    await communicator.disconnect()

@@ -107,6 +107,17 @@ def test_prompt_longer_than_the_context_is_refused(chat_model):
     assert info.value.param == "max_tokens"
 
 
+def test_the_server_cap_bounds_an_open_ended_request_without_refusing_it(chat_model):
+    long_prompt = [{"role": "user", "content": "word " * ((chat_model.context_length - 100) // 2)}]
+    assert 0 < chat_model.context_length - len(chat_model.encode(long_prompt)) < 500
+    stream = chat_model.start(long_prompt, SamplingParams(ignore_eos=True), max_tokens_cap=500)
+    list(stream)
+    assert 0 < stream.completion_tokens < 500, "the room left in the context wins over the cap"
+    stream = chat_model.start(MESSAGES, SamplingParams(ignore_eos=True), max_tokens_cap=7)
+    list(stream)
+    assert stream.completion_tokens == 7
+
+
 def test_a_crashing_generate_ends_the_stream_with_an_error(chat_model):
     def explode(*args, **kwargs):
         raise RuntimeError("injected fault")

@@ -23,6 +23,10 @@ def test_defaults_follow_openai():
     assert not request.stream
 
 
+def test_a_vanishing_temperature_is_greedy():
+    assert chat(temperature=1e-50).params.greedy and not chat(temperature=0.01).params.greedy
+
+
 def test_max_completion_tokens_wins_over_max_tokens():
     assert chat(max_tokens=5, max_completion_tokens=7).params.max_tokens == 7
 
@@ -70,6 +74,7 @@ def test_bad_parameters_name_the_field(param, body):
         ("messages[0].content", [{"role": "user", "content": 5}]),
         ("messages[0].content[0]", [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
         ("messages[0].tool_call_id", [{"role": "tool", "content": "42"}]),
+        ("messages[0].tool_calls", [{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]),
     ],
 )
 def test_bad_messages_name_the_field(param, messages):
@@ -90,7 +95,11 @@ def test_all_roles_in_any_order_and_content_parts():
             "messages": [
                 {"role": "user", "content": "first"},
                 {"role": "developer", "content": "be brief"},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
                 {"role": "tool", "content": "42", "tool_call_id": "c1"},
                 {"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
             ]

@@ -70,6 +70,8 @@ async def test_same_text_as_rest_for_the_same_greedy_request(ws, server):
     ("raw", "param", "code"),
     [
         ("not json", None, "invalid_json"),
+        ("[" * 100_000, None, "invalid_json"),
+        ('{"type": "chat", "id": 1, "max_tokens": ' + "7" * 5000 + "}", None, "invalid_json"),
         ("[1, 2]", None, "invalid_frame"),
         (json.dumps({"type": "chat", **chat_body()}), "id", "invalid_id"),
         (json.dumps({"type": "dance", "id": "x"}), "type", "invalid_frame"),

@@ -44,7 +44,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing logits by the temperature overflows; it is greedy in effect (vLLM's threshold).
+        return self.temperature < 1e-5
 
     def to_message(self) -> dict[str, Any]:
         data = asdict(self)
@@ -259,6 +260,16 @@ def _text_content(content: Any, param: str) -> str:
     raise InvalidRequest("'content' must be a string or a list of content parts.", param=param, code="invalid_type")
 
 
+def _valid_tool_call(call: Any) -> bool:
+    function = call.get("function") if isinstance(call, dict) else None
+    return (
+        isinstance(function, dict)
+        and isinstance(function.get("name"), str)
+        and isinstance(function.get("arguments", ""), str)
+        and isinstance(call.get("id", ""), str)
+    )
+
+
 def parse_messages(value: Any, max_messages: int) -> list[dict[str, Any]]:
     """Validate OpenAI chat messages into the plain dicts chat templates expect."""
     if value is None:
@@ -311,9 +322,11 @@ def parse_messages(value: Any, max_messages: int) -> list[dict[str, Any]]:
             out["tool_call_id"] = tool_call_id
         if role == "assistant" and message.get("tool_calls") is not None:
             tool_calls = message["tool_calls"]
-            if not isinstance(tool_calls, list):
+            if not isinstance(tool_calls, list) or not all(_valid_tool_call(call) for call in tool_calls):
                 raise InvalidRequest(
-                    f"'{where}.tool_calls' must be a list.", param=f"{where}.tool_calls", code="invalid_type"
+                    f"'{where}.tool_calls' must be a list of {{id, type, function: {{name, arguments}}}} objects.",
+                    param=f"{where}.tool_calls",
+                    code="invalid_type",
                 )
             out["tool_calls"] = tool_calls
         messages.append(out)

@@ -111,7 +111,8 @@ else:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels.layers.InMemoryChannelLayer",
-            "CONFIG": {"capacity": 1000, "expiry": int(QUEUE_TIMEOUT) + 60},
+            # The inline worker joins the workers group once: keep it there for as long as the process lives.
+            "CONFIG": {"capacity": 1000, "expiry": int(QUEUE_TIMEOUT) + 60, "group_expiry": 10 * 365 * 86400},
         }
     }
 

@@ -25,5 +25,5 @@ class OpenAIJSONParser(BaseParser):
             raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, deep nesting
             raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None

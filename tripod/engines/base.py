@@ -180,16 +180,29 @@ class ChatModel:
     def load(self) -> None:
         """Load weights; called once by the factory, off the event loop."""
 
-    def start(self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None) -> TokenStream:
-        """Tokenize ``prompt``, check it against the context (and ``max_prompt_tokens``), return a stream."""
-        raw, max_tokens = self._start_raw(prompt, params, max_prompt_tokens)
+    def start(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        max_prompt_tokens: int | None = None,
+        max_tokens_cap: int | None = None,
+    ) -> TokenStream:
+        """Tokenize ``prompt``, check it against the context and the server's limits, return a stream.
+
+        ``max_tokens_cap`` bounds a request that gave no ``max_tokens`` (never turning it into an error).
+        """
+        raw, max_tokens = self._start_raw(prompt, params, max_prompt_tokens, max_tokens_cap)
         stream = TokenStream(raw, params, max_tokens, on_finish=self._record)
         with self._lock:
             self._active[stream.id] = stream
         return stream
 
     def _start_raw(
-        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        max_prompt_tokens: int | None = None,
+        max_tokens_cap: int | None = None,
     ) -> tuple[RawGeneration, int]:
         raise NotImplementedError
 

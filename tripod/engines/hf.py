@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -170,7 +169,8 @@ class HFGeneration(RawGeneration):
     def close(self) -> None:
         if self._thread.is_alive():
             self.cancel()
-            self._thread.join(timeout=self.streamer.timeout)
+            # A healthy generate stops at its next step; a hung one must not hold the caller too.
+            self._thread.join(timeout=min(self.streamer.timeout, 2.0))
 
 
 class HFChatModel(ChatModel):
@@ -224,6 +224,11 @@ class HFChatModel(ChatModel):
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos_ids
+        # Only EOS and padding come from the model's generation_config: its other defaults (no_repeat_ngram_size,
+        # suppress_tokens, ...) would otherwise fill every field a request leaves unset.
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=sorted(eos_ids), pad_token_id=self.tokenizer.pad_token_id
+        )
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
         )
@@ -242,11 +247,13 @@ class HFChatModel(ChatModel):
             )
         try:
             text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # noqa: BLE001 - templates raise anything (TemplateError, TypeError, ...)
             raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prepare(self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None) -> tuple[list[int], int]:
+    def prepare(
+        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None, max_tokens_cap: int | None = None
+    ) -> tuple[list[int], int]:
         """Token ids of the prompt and the new-token budget, after every length check."""
         ids = self.encode(prompt)
         param = "prompt" if isinstance(prompt, str) else "messages"
@@ -270,10 +277,16 @@ class HFChatModel(ChatModel):
                 "completion). Please reduce the length of the prompt or the completion.",
                 param="max_tokens",
             )
-        return ids, params.max_tokens if params.max_tokens is not None else room
+        if params.max_tokens is not None:
+            return ids, params.max_tokens
+        return ids, min(room, max_tokens_cap) if max_tokens_cap else room
 
     def _start_raw(
-        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        max_prompt_tokens: int | None = None,
+        max_tokens_cap: int | None = None,
     ) -> tuple[RawGeneration, int]:
-        ids, max_new_tokens = self.prepare(prompt, params, max_prompt_tokens)
+        ids, max_new_tokens = self.prepare(prompt, params, max_prompt_tokens, max_tokens_cap)
         return HFGeneration(self, ids, params, max_new_tokens), max_new_tokens

@@ -275,7 +275,11 @@ class HFContinuousBatchingModel(HFChatModel):
         )
 
     def _start_raw(
-        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        max_prompt_tokens: int | None = None,
+        max_tokens_cap: int | None = None,
     ) -> tuple[RawGeneration, int]:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(params, name):
@@ -285,5 +289,5 @@ class HFContinuousBatchingModel(HFChatModel):
                     param=name,
                     code="unsupported_parameter",
                 )
-        ids, max_new = self.prepare(prompt, params, max_prompt_tokens)
+        ids, max_new = self.prepare(prompt, params, max_prompt_tokens, max_tokens_cap)
         return CBGeneration.start(self, ids, params, max_new), max_new

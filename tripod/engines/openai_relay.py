@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,7 +79,15 @@ class RelayGeneration(RawGeneration):
 
     def cancel(self) -> None:
         super().cancel()
-        # Closing the connection unblocks the reader and tells the upstream that its client left.
+        # Shutting the socket down wakes the reader blocked in recv() and tells the upstream its client left;
+        # close() alone does neither while a recv() is pending.
+        stream = self.response.extensions.get("network_stream")
+        try:
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.response.close()
 
 
@@ -138,12 +147,19 @@ class OpenAIRelayModel(ChatModel):
         return body
 
     def _start_raw(
-        self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        max_prompt_tokens: int | None = None,
+        max_tokens_cap: int | None = None,
     ) -> tuple[RawGeneration, int]:
         # Prompt lengths are the upstream's to check: only it has the tokenizer.
         kind = "completion" if isinstance(prompt, str) else "chat"
         path = "/completions" if kind == "completion" else "/chat/completions"
-        request = self.client.build_request("POST", path, json=self._body(prompt, params))
+        body = self._body(prompt, params)
+        if params.max_tokens is None and max_tokens_cap:
+            body["max_tokens"] = max_tokens_cap
+        request = self.client.build_request("POST", path, json=body)
         try:
             response = self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
