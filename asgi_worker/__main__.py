@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from asgi_worker.loop import Worker
     from tripod.conf import config
-    from tripod.engines import engine_class, get_chat_model
     from tripod.registry import get_registry
 
     cfg = config()
@@ -70,16 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    worker = Worker(
-        get_channel_layer(),
-        cfg.job_channel,
-        load_model=get_chat_model,
-        slots=cfg.slots or engine_class(cfg.engine).default_slots,
-        model_name=cfg.served_model_name,
-        engine=cfg.engine,
-        registry=get_registry(),
-        heartbeat_interval=cfg.heartbeat_interval,
-    )
+    worker = Worker.from_settings(get_channel_layer(), registry=get_registry())
 
     if args.metrics_port:
         from prometheus_client import start_http_server

@@ -7,13 +7,12 @@ event loop. It starts on the first request and loads the model on its first job.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import weakref
 
 from channels.layers import get_channel_layer
 
 from asgi_worker.loop import Worker
-from tripod.conf import config
-from tripod.engines import engine_class, get_chat_model
 
 _workers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = weakref.WeakKeyDictionary()
 
@@ -24,13 +23,6 @@ def ensure_inline_worker() -> None:
     task = _workers.get(loop)
     if task is not None and not task.done():
         return
-    cfg = config()
-    worker = Worker(
-        get_channel_layer(),
-        cfg.job_channel,
-        load_model=get_chat_model,
-        slots=cfg.slots or engine_class(cfg.engine).default_slots,
-        model_name=cfg.served_model_name,
-        engine=cfg.engine,
-    )
-    _workers[loop] = loop.create_task(worker.run(), name="tripod-inline-worker")
+    worker = Worker.from_settings(get_channel_layer())
+    # A fresh context: the worker must not inherit the first request's request id.
+    _workers[loop] = loop.create_task(worker.run(), name="tripod-inline-worker", context=contextvars.Context())

@@ -73,6 +73,24 @@ class Worker:
         self._model: ChatModel | None = None
         self._model_lock = asyncio.Lock()
 
+    @classmethod
+    def from_settings(cls, channel_layer, registry: WorkerRegistry | None = None) -> Worker:
+        """The worker for this process's settings (``TRIPOD_MODEL``, ``TRIPOD_ENGINE``, ``TRIPOD_SLOTS``, ...)."""
+        from tripod.conf import config
+        from tripod.engines import engine_class, get_chat_model
+
+        cfg = config()
+        return cls(
+            channel_layer,
+            cfg.job_channel,
+            load_model=get_chat_model,
+            slots=cfg.slots or engine_class(cfg.engine).default_slots,
+            model_name=cfg.served_model_name,
+            engine=cfg.engine,
+            registry=registry,
+            heartbeat_interval=cfg.heartbeat_interval,
+        )
+
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def run(self, drain_timeout: float = 0.0) -> None:
