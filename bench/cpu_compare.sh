@@ -20,7 +20,7 @@ bench() {  # name url concurrency requests [extra args]
     local name=$1 url=$2 c=$3 n=$4; shift 4
     "$PY" -m tripod.bench --url "$url" --concurrency "$c" --num-requests "$n" "${LOAD[@]}" --label "$name" \
         --out "$OUT/$name-c$c.json" "$@" >/dev/null
-    "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], {k: round(d[k], 1) for k in ('output_throughput','median_ttft_ms','median_itl_ms','p99_ttft_ms')}, 'failed', d['failed'])" "$OUT/$name-c$c.json" "$name c=$3"
+    "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], {k: round(d[k], 1) for k in ('output_throughput','median_ttft_ms','median_itl_ms','p99_ttft_ms')}, 'failed', d['failed'])" "$OUT/$name-c$c.json" "$name c=$c"
 }
 
 tripod() {  # engine port

@@ -114,3 +114,8 @@ def test_noise_is_a_pure_function_of_the_key():
     # Roughly uniform: the mean of many draws is near one half.
     many = uniform_noise(torch.arange(1, 2001, dtype=torch.int32), 100)
     assert abs(float(many.mean()) - 0.5) < 0.01
+
+
+def test_the_batching_loop_never_keeps_a_process_alive(cb_model):
+    # A non-daemon loop thread made `python -m tripod.bench --direct --engine hf-cb` (and daphne) hang at exit.
+    assert cb_model.manager._generation_thread.daemon

@@ -264,7 +264,11 @@ class HFContinuousBatchingModel(HFChatModel):
             generation_config=generation_config, continuous_batching_config=cb_config
         )
         manager.logit_processor = sampling_processors(self.vocab_size)
-        manager.start()
+        # The manager's loop thread inherits "daemon" from the thread that starts it: start it from a daemon
+        # thread, so that a server (or a bench) can exit without stopping the manager first.
+        starter = threading.Thread(target=manager.start, name="tripod-cb-start", daemon=True)
+        starter.start()
+        starter.join()
         self.manager = manager
         logger.info(
             "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s",
