@@ -11,7 +11,8 @@ PY=${PYTHON:-.venv/bin/python}
 TINY=$("$PY" -c "from pathlib import Path; from tripod.engines.tiny import ensure_tiny_model; print(ensure_tiny_model(Path.home() / '.cache' / 'tripod'))")
 LOAD=(--transport sse --prompt-len 128 --output-len 128 --warmup 2 --no-progress --tokenizer "$TINY")
 CB_FLAGS=(--cb-num-blocks 512 --cb-max-batch-tokens 1024)
-export TRIPOD_DB_PATH="$OUT/db.sqlite3" TRIPOD_LOG_LEVEL=WARNING HF_HUB_OFFLINE=1
+export TRIPOD_DB_PATH="$(mktemp -d)/db.sqlite3" TRIPOD_LOG_LEVEL=WARNING HF_HUB_OFFLINE=1
+LOGS=$(mktemp -d)
 "$PY" manage.py migrate --noinput -v 0
 
 wait_up() { for _ in $(seq 120); do curl -sf "$1" >/dev/null && return 0; sleep 0.5; done; return 1; }
@@ -25,7 +26,7 @@ bench() {  # name url concurrency requests [extra args]
 
 tripod() {  # engine port
     TRIPOD_ENGINE=$1 TRIPOD_SLOTS=64 "$PY" -m daphne -b 127.0.0.1 -p "$2" --access-log /dev/null tripod.asgi:application \
-        >"$OUT/server-tripod-$1.log" 2>&1 &
+        >"$LOGS/server-tripod-$1.log" 2>&1 &
     echo $!
 }
 
@@ -36,15 +37,20 @@ for engine in hf hf-cb; do
     kill "$pid"; wait "$pid" 2>/dev/null
     # The same load on the engine in-process, for the server-overhead ratio.
     for c in 1 16; do bench "direct-$engine" http://unused "$c" $(( c < 4 ? 16 : 3 * c )) --direct --engine "$engine" --slots 64; done
+    # Without ignore_eos, as the peer must be run (it refuses the field); greedy gives the same 128 tokens.
+    pid=$(tripod "$engine" 8711)
+    wait_up http://127.0.0.1:8711/readyz || wait_up http://127.0.0.1:8711/readyz
+    bench "tripod-$engine-no-ignore-eos" http://127.0.0.1:8711 16 48 --no-ignore-eos
+    kill "$pid"; wait "$pid" 2>/dev/null
 done
 
 for mode in --continuous-batching --no-continuous-batching; do
     name=peer${mode/--/-}
     "$PY" -m transformers.cli.transformers serve "$TINY" --device cpu --port 8712 $mode "${CB_FLAGS[@]}" \
-        >"$OUT/server-$name.log" 2>&1 &
+        >"$LOGS/server-$name.log" 2>&1 &
     pid=$!
     wait_up http://127.0.0.1:8712/health
-    bench "$name" http://127.0.0.1:8712 16 48 --model "$TINY"
+    bench "$name" http://127.0.0.1:8712 16 48 --model "$TINY" --no-ignore-eos
     kill "$pid"; wait "$pid" 2>/dev/null
 done
-echo "results in $OUT"
+echo "results in $OUT, server logs in $LOGS"

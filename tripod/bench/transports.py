@@ -154,6 +154,7 @@ class HTTPClient:
                 result.error = http_error(response, await response.aread())
                 return
             usage = None
+            finished = False
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -169,7 +170,13 @@ class HTTPClient:
                 for choice in chunk.get("choices") or ():
                     if (choice.get("delta") or {}).get("content"):
                         timer.text()
+                    finished = finished or bool(choice.get("finish_reason"))
                 usage = chunk.get("usage") or usage
+            if finished:
+                # Some servers (transformers serve) end after the finish_reason chunk without [DONE].
+                apply_usage(result, usage)
+                result.ok = True
+                return
             result.error = "the stream ended without data: [DONE]"
 
 
