@@ -10,13 +10,16 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tripod.bench.metrics import RequestResult
 from tripod.bench.transports import describe
 
+if TYPE_CHECKING:
+    from tripod.engines import ChatModel
 
-def load_engine(model: str | None, engine: str) -> Any:
+
+def load_engine(model: str | None, engine: str) -> ChatModel:
     """The shared ``ChatModel`` for ``model`` (default: ``TRIPOD_MODEL``), loaded; sets up Django first."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
     import django
@@ -29,7 +32,7 @@ def load_engine(model: str | None, engine: str) -> Any:
     return get_chat_model(model or None, engine)
 
 
-def engine_slots(chat_model: Any) -> int:
+def engine_slots(chat_model: ChatModel) -> int:
     """The slots the server's worker would give this engine: ``TRIPOD_SLOTS`` or the engine's default."""
     from tripod.conf import config
 
@@ -66,7 +69,9 @@ class FairSlots:
             self._condition.notify_all()
 
 
-def run_one(chat_model: Any, prompt: str, output_len: int, ignore_eos: bool, temperature: float, seed: int | None):
+def run_one(
+    chat_model: ChatModel, prompt: str, output_len: int, ignore_eos: bool, temperature: float, seed: int | None
+) -> RequestResult:
     """Time one generation; the caller holds a slot for it."""
     result = RequestResult()
     started = time.perf_counter()
@@ -99,7 +104,7 @@ def run_one(chat_model: Any, prompt: str, output_len: int, ignore_eos: bool, tem
 
 
 def run_threads(
-    chat_model: Any,
+    chat_model: ChatModel,
     prompts: list[str],
     concurrency: int,
     slots: int,
