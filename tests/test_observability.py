@@ -189,3 +189,18 @@ def test_grafana_dashboard_uses_only_exported_metrics(observed):
     families = {family.name for family in text_string_to_metric_families(text)}
     exported = families | {name + "_total" for name in families}
     assert len(used) >= 10 and used <= exported, used - exported
+
+
+def test_readyz_says_why_a_model_failed_to_load(tmp_path):
+    server = LiveServer({"TRIPOD_MODEL": str(tmp_path / "no-model-here")}).wait_ready()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            body = httpx.get(server.url + "/readyz", timeout=30).json()
+            if "failed" in body["checks"]["model"]["error"]:
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
+        assert body["status"] == "not_ready" and body["missing"] == ["model"]
+    finally:
+        server.stop()

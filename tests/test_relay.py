@@ -99,3 +99,25 @@ def test_a_client_leaving_the_front_cancels_the_upstream_generation(relay):
         time.sleep(0.05)
     line = [entry for entry in upstream.output().splitlines() if "finish_reason=cancelled" in entry][-1]
     assert int(re.search(r"completion_tokens=(\d+)", line).group(1)) < 1900
+
+
+def test_an_upstream_that_refuses_this_server_is_a_502_not_the_clients_fault(relay, redis_module):
+    upstream, _, _ = relay
+    front = LiveServer({"REDIS_URL": redis_module.url, "TRIPOD_SERVED_MODEL_NAME": "misconfigured"}).wait_ready()
+    worker = WorkerProcess(
+        redis_module.url,
+        "--engine",
+        "openai",
+        "--model",
+        "no-such-upstream-model",
+        "--served-model-name",
+        "misconfigured",
+        env={"TRIPOD_UPSTREAM_URL": upstream.url + "/v1"},
+    ).wait_serving()
+    try:
+        response = httpx.post(front.url + "/v1/chat/completions", json={**chat_body(), "model": "misconfigured"})
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "upstream_error"
+    finally:
+        worker.stop()
+        front.stop()

@@ -12,6 +12,7 @@ from tripod.conf import config
 from tripod.registry import RegistryUnavailable, get_registry
 
 _loading: threading.Thread | None = None
+_load_error: str | None = None
 
 
 def _database() -> dict[str, Any]:
@@ -25,15 +26,37 @@ def _database() -> dict[str, Any]:
 def _inline_model() -> dict[str, Any]:
     """Embedded mode: ready once the model is loaded; asking starts the load."""
     global _loading
-    from tripod.engines import get_chat_model, loaded_chat_model
+    from tripod.engines import loaded_chat_model
 
     model = loaded_chat_model()
     if model is not None and model.can_generate:
         return {"ok": True, "model": model.model_name, "engine": model.engine}
+    if _load_error is not None:
+        # Say why instead of "loading" forever; each probe tries again, so a fixed cause recovers.
+        error, _loading = f"loading failed: {_load_error}", None
+        _start_loading()
+        return {"ok": False, "model": config().served_model_name, "error": error}
     if _loading is None or not _loading.is_alive():
-        _loading = threading.Thread(target=get_chat_model, name="tripod-model-load", daemon=True)
-        _loading.start()
+        _start_loading()
     return {"ok": False, "model": config().served_model_name, "error": "loading"}
+
+
+def _start_loading() -> None:
+    global _loading
+
+    def load() -> None:
+        global _load_error
+        from tripod.engines import get_chat_model
+
+        try:
+            get_chat_model()
+            _load_error = None
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz
+            _load_error = f"{type(exc).__name__}: {exc}"
+
+    if _loading is None or not _loading.is_alive():
+        _loading = threading.Thread(target=load, name="tripod-model-load", daemon=True)
+        _loading.start()
 
 
 async def _workers() -> dict[str, Any]:

@@ -23,7 +23,18 @@ logger = logging.getLogger(__name__)
 
 
 def _upstream_error(response: httpx.Response) -> APIError:
-    """Rebuild the upstream's OpenAI-shaped error, keeping its status, code and param."""
+    """Rebuild the upstream's OpenAI-shaped error, keeping its status, code and param.
+
+    401, 403 and 404 from the upstream are this server's misconfiguration (its upstream key or model id),
+    not the client's fault: they become 502 ``upstream_error``.
+    """
+    if response.status_code in (401, 403, 404):
+        return EngineFailure(
+            f"The upstream refused this server's request ({response.status_code}); check TRIPOD_UPSTREAM_URL, "
+            "TRIPOD_UPSTREAM_API_KEY and the upstream model id.",
+            code="upstream_error",
+            status=502,
+        )
     try:
         error = json.loads(response.read())["error"]
         message = error.get("message") or "upstream error"
