@@ -285,14 +285,7 @@ class Worker:
             }
             if not await self._send(reply, started):
                 stream.cancel()
-            watcher = None
-            if self.registry is not None and job.get("web"):
-                watcher = asyncio.create_task(self._watch_reader(job_id, job["web"], stream))
-            try:
-                await self._pump(job_id, reply, stream)
-            finally:
-                if watcher is not None:
-                    watcher.cancel()
+            await self._pump(job_id, reply, stream)
         finally:
             self.running.pop(job_id, None)
             metrics.WORKER_RUNNING.labels(**self._metric_labels).dec()
@@ -304,20 +297,6 @@ class Worker:
                 stream.prompt_tokens,
                 stream.completion_tokens,
             )
-
-    async def _watch_reader(self, job_id: str, web_id: str, stream: TokenStream) -> None:
-        """Cancel the job if the web process waiting for it stops beating (killed, lost machine)."""
-        # The web process beats as soon as it submits, so a missing key means it died, not that it is new.
-        while True:
-            await asyncio.sleep(self.heartbeat_interval)
-            try:
-                alive = await self.registry.web_alive(web_id)
-            except RegistryUnavailable:
-                continue
-            if not alive:
-                logger.warning("job %s: its web process stopped beating; cancelling", job_id)
-                stream.cancel()
-                return
 
     async def _pump(self, job_id: str, reply: str, stream: TokenStream) -> None:
         """Relay deltas; whatever piled up while the last send was in flight goes out as one delta."""

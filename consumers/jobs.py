@@ -6,11 +6,9 @@ REST, SSE and WebSocket differ only in how they frame what this yields.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -88,31 +86,6 @@ async def resolve_model(requested: str | None) -> str:
 def _layer_down(exc: BaseException) -> ServiceUnavailable:
     logger.warning("channel layer unavailable: %r", exc, exc_info=exc)
     return ServiceUnavailable(f"The channel layer (Redis) is unavailable: {exc}", code="channel_layer_unavailable")
-
-
-_web_beats: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = weakref.WeakKeyDictionary()
-
-
-def _web_heartbeat(layer, cfg) -> str | None:
-    """This web process's id in its jobs; scaled, it beats in Redis so workers can tell it died."""
-    registry = get_registry()
-    web_id = getattr(layer, "client_prefix", None)
-    if registry is None or web_id is None:
-        return None
-    loop = asyncio.get_running_loop()
-    task = _web_beats.get(loop)
-    if task is None or task.done():
-
-        async def beat() -> None:
-            while True:
-                try:
-                    await registry.beat_web(web_id)
-                except RegistryUnavailable:
-                    pass
-                await asyncio.sleep(cfg.heartbeat_interval)
-
-        _web_beats[loop] = loop.create_task(beat(), name="tripod-web-heartbeat", context=contextvars.Context())
-    return web_id
 
 
 def _check_cap(params: SamplingParams, cap: int) -> None:
@@ -213,7 +186,6 @@ class GenerationJob:
             "params": params.to_message(),
             "max_prompt_tokens": cfg.max_prompt_tokens or None,
             "max_tokens_cap": cfg.max_tokens_cap or None,
-            "web": _web_heartbeat(self.layer, cfg),
             "deadline": time.time() + cfg.queue_timeout,
         }
         if self.request.kind == "chat":

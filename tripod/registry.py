@@ -17,8 +17,6 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 WORKER_KEY = "tripod:worker:"
-# Web processes beat too: a worker stops generating for one that died (its reply channel is gone).
-WEB_KEY = "tripod:web:"
 MODELS_KEY = "tripod:models"
 CLAIM_KEY = "tripod:claim:"
 CLAIM_TTL_MS = 6 * 3600 * 1000
@@ -68,12 +66,6 @@ class WorkerRegistry:
             pipe.set(WORKER_KEY + info["id"], record, px=self.ttl_ms)
             pipe.sadd(MODELS_KEY, info["model"])
             await pipe.execute()
-
-    async def beat_web(self, web_id: str) -> None:
-        await self.redis.set(WEB_KEY + web_id, "1", px=self.ttl_ms)
-
-    async def web_alive(self, web_id: str) -> bool:
-        return bool(await self.redis.exists(WEB_KEY + web_id))
 
     async def remove(self, worker_id: str) -> None:
         await self.redis.delete(WORKER_KEY + worker_id)
