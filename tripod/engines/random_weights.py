@@ -8,16 +8,12 @@ that every generated id decodes to visible text and streams like a real token.
 
 from __future__ import annotations
 
-import fcntl
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from tripod.engines.tiny import ensure_tiny_model
+from tripod.engines.tiny import build_once, ensure_tiny_model
 
 PREFIX = "random:"
 SEED = 0
@@ -29,26 +25,16 @@ def is_random(model: str) -> bool:
 
 def padded_tokenizer_dir(vocab_size: int, cache_dir: Path) -> Path:
     """The tiny tokenizer padded to ``vocab_size`` ids, built once per size."""
-    target = cache_dir / f"random-tokenizer-v2-{vocab_size}"
-    if (target / "tokenizer_config.json").exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".random-tokenizer-v2-{vocab_size}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "tokenizer_config.json").exists():
-            return target
+
+    def build(out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(cache_dir))
         if vocab_size < len(tokenizer):
             raise ValueError(f"random models need a vocabulary of at least {len(tokenizer)} ids")
         # Word-like fillers (" t123") so that streamers release each one at once, as they do real words.
         tokenizer.add_tokens([AddedToken(f" t{i}", normalized=False) for i in range(len(tokenizer), vocab_size)])
-        staging = Path(tempfile.mkdtemp(prefix=".random-tokenizer-", dir=cache_dir))
-        try:
-            tokenizer.save_pretrained(staging / "tok")
-            os.replace(staging / "tok", target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+        tokenizer.save_pretrained(out)
+
+    return build_once(cache_dir, f"random-tokenizer-v2-{vocab_size}", "tokenizer_config.json", build)
 
 
 def load_random_model(spec: str, cache_dir: Path, device: str, dtype: torch.dtype):

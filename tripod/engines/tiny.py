@@ -10,6 +10,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 TINY_NAME = "tiny"
@@ -86,23 +87,31 @@ def build_tiny_model(out: Path) -> Path:
     return out
 
 
-def ensure_tiny_model(cache_dir: Path) -> Path:
-    """Return the cached tiny model directory, building it once (safe across processes)."""
-    target = cache_dir / f"tiny-v{TINY_VERSION}"
-    if (target / "config.json").exists():
+def build_once(cache_dir: Path, name: str, marker: str, build: Callable[[Path], object]) -> Path:
+    """``cache_dir/name``, made by ``build(directory)`` the first time only (safe across processes).
+
+    The build writes into a staging directory that is renamed into place, so a reader never sees half of it.
+    """
+    target = cache_dir / name
+    if (target / marker).exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".tiny-v{TINY_VERSION}.lock", "w") as lock:
+    with open(cache_dir / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists():
+        if (target / marker).exists():
             return target
-        staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=cache_dir))
         try:
-            build_tiny_model(staging / "model")
-            os.replace(staging / "model", target)
+            build(staging / "out")
+            os.replace(staging / "out", target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_tiny_model(cache_dir: Path) -> Path:
+    """Return the cached tiny model directory, building it once (safe across processes)."""
+    return build_once(cache_dir, f"tiny-v{TINY_VERSION}", "config.json", build_tiny_model)
 
 
 def resolve_model_path(model: str, cache_dir: Path) -> str:
