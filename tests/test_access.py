@@ -63,6 +63,7 @@ ROUTES = [
     ("GET", "/v1/models", None),
     ("GET", "/v1/models/tiny", None),
     ("GET", "/v1/usage", None),
+    ("POST", "/v1/streams", chat_body(max_tokens=2)),
 ]
 
 
@@ -80,7 +81,7 @@ def test_auth_matrix_over_http(secured, method, path, body, who):
     elif path == "/v1/usage" and who == "env":
         assert response.status_code == 404  # usage is kept per stored key
     else:
-        assert response.status_code == 200, response.text
+        assert response.status_code == (201 if path == "/v1/streams" else 200), response.text
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])

@@ -42,6 +42,7 @@ class Config:
     event_timeout: float
     engine_step_timeout: float
     sse_keepalive: float
+    stream_ttl: float
     ws_max_inflight: int
     ws_max_frame_bytes: int
     max_prompt_tokens: int
@@ -101,6 +102,7 @@ def config() -> Config:
         event_timeout=float(raw["EVENT_TIMEOUT"]),
         engine_step_timeout=float(raw["ENGINE_STEP_TIMEOUT"]),
         sse_keepalive=float(raw["SSE_KEEPALIVE"]),
+        stream_ttl=float(raw.get("STREAM_TTL", 600)),
         ws_max_inflight=int(raw["WS_MAX_INFLIGHT"]),
         ws_max_frame_bytes=int(raw.get("WS_MAX_FRAME_BYTES", 1 << 20)),
         max_prompt_tokens=int(raw.get("MAX_PROMPT_TOKENS", 0)),

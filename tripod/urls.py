@@ -14,6 +14,8 @@ urlpatterns = [
     # The seed's path: the same view, left out of the OpenAPI document to keep one operation per id.
     path("api/chat/completions", views.ChatCompletionsView.as_view(schema=None), name="chat-completions-seed"),
     path("v1/completions", views.CompletionsView.as_view(), name="completions"),
+    path("v1/streams", views.StreamCreateView.as_view(), name="streams"),
+    path("v1/streams/<str:stream_id>", views.StreamView.as_view(), name="stream"),
     path("v1/models", views.ModelListView.as_view(), name="models"),
     path("v1/models/<path:model>", views.ModelDetailView.as_view(), name="model-detail"),
     path("v1/usage", views.UsageView.as_view(), name="usage"),

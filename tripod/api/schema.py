@@ -127,6 +127,24 @@ EVENT_STREAM = {
         '`: keep-alive` comments while waiting. An error after the stream began arrives as `data: {"error": ...}`.'
     ),
 }
+STREAM = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["stream"]},
+        "model": {"type": "string"},
+        "created": {"type": "integer"},
+        "url": {"type": "string", "description": "Signed URL to GET (EventSource) or DELETE; no key needed."},
+        "expires_at": {"type": "integer", "description": "Unix time after which the URL stops working."},
+    },
+}
+RESUMABLE_EVENT_STREAM = {
+    "type": "string",
+    "description": (
+        "Server-Sent Events as for `stream: true`, each with `id: <n>` (1, 2, 3, ...) and a first `retry:` field. "
+        "Reconnect with `Last-Event-ID: <n>` (or `?last_event_id=<n>`) to continue right after frame n."
+    ),
+}
 ERROR = {
     "type": "object",
     "properties": {
@@ -180,12 +198,13 @@ READY = {
     },
 }
 
-_ERRORS = {
+ERROR_RESPONSES = {
     status: OpenApiResponse(ERROR, description=text)
     for status, text in (
         (400, "Invalid request; `param` names the field."),
         (401, "Missing, wrong or revoked API key."),
         (404, "Unknown model."),
+        (403, "Bad, foreign or expired stream token."),
         (413, "Request body too large."),
         (429, "Rate limit reached; see Retry-After."),
         (500, "The engine failed."),
@@ -198,12 +217,12 @@ def generation_responses(body: dict) -> dict:
     return {
         (200, "application/json"): OpenApiResponse(body, description="The whole completion (stream: false)."),
         (200, "text/event-stream"): OpenApiResponse(EVENT_STREAM, description="The streamed completion."),
-        **{(status, "application/json"): response for status, response in _ERRORS.items()},
+        **{(status, "application/json"): response for status, response in ERROR_RESPONSES.items()},
     }
 
 
 def plain_responses(body: dict, *statuses: int) -> dict:
-    return {200: OpenApiResponse(body), **{status: _ERRORS[status] for status in statuses}}
+    return {200: OpenApiResponse(body), **{status: ERROR_RESPONSES[status] for status in statuses}}
 
 
 class BearerKeyScheme(OpenApiAuthenticationExtension):

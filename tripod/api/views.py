@@ -7,14 +7,15 @@ import time
 
 from asgiref.sync import async_to_sync
 from django.http import HttpResponse
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from consumers import sse
+from consumers import resumable, sse
 from consumers.jobs import GenerationJob, served_models
-from tripod import metrics, readiness, usage
+from tripod import metrics, readiness, streams, usage
 from tripod.api import schema
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest, ModelNotFound
@@ -103,6 +104,115 @@ class CompletionsView(GenerationView):
 
     def parse(self, data) -> GenerationRequest:
         return parse_completion_request(data)
+
+
+async def _begin_stream(job: GenerationJob) -> dict:
+    await _start(job)
+    return await resumable.begin(job)
+
+
+@extend_schema_view(
+    post=extend_schema(
+        summary="Start a resumable stream",
+        operation_id="createStream",
+        description=(
+            "Starts a chat completion and answers once a worker has admitted it, with a signed URL that an "
+            "`EventSource` can read (no headers needed) and reconnect to without losing or repeating a frame."
+        ),
+        request={"application/json": schema.CHAT_REQUEST},
+        responses={
+            (201, "application/json"): OpenApiResponse(schema.STREAM),
+            **{k: v for k, v in schema.generation_responses(schema.CHAT_COMPLETION).items() if k[0] != 200},
+        },
+    )
+)
+class StreamCreateView(APIView):
+    """``POST /v1/streams``: a chat completion whose frames are kept for readers that come and go."""
+
+    def post(self, request: Request) -> Response:
+        _content_length(request)
+        if request.stream is None:
+            raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+        if not isinstance(request.data, dict):
+            raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+        generation = parse_chat_request({**request.data, "stream": True}, max_messages=config().max_messages)
+        job = GenerationJob(generation, request.user, transport="sse", request_id=getattr(request, "request_id", None))
+        return Response(async_to_sync(_begin_stream)(job), status=201)
+
+
+def _resume_after(request: Request) -> int:
+    raw = request.META.get("HTTP_LAST_EVENT_ID") or request.query_params.get("last_event_id") or "0"
+    if not raw.isdigit() or len(raw) > 12:
+        raise InvalidRequest(
+            f"'Last-Event-ID' must be a frame id (a non-negative integer), not {raw[:40]!r}.",
+            param="Last-Event-ID",
+            code="invalid_last_event_id",
+        )
+    return int(raw)
+
+
+def _stream_info(stream_id: str, request: Request) -> streams.StreamInfo:
+    streams.verify(stream_id, request.query_params.get("token"))
+    info = async_to_sync(streams.get_store().info)(stream_id)
+    if info is None:
+        raise APIError(f"Stream {stream_id} has expired or never existed.", code="stream_not_found", status=404)
+    return info
+
+
+class _AnyAccept(BaseContentNegotiation):
+    """``EventSource`` asks for ``text/event-stream`` only; errors still go out as JSON."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+@extend_schema_view(
+    get=extend_schema(
+        summary="Read a resumable stream",
+        operation_id="readStream",
+        parameters=[
+            OpenApiParameter("token", str, required=True, description="From the `url` that created the stream."),
+            OpenApiParameter("last_event_id", int, description="Resume after this frame (or `Last-Event-ID`)."),
+        ],
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(schema.RESUMABLE_EVENT_STREAM),
+            204: OpenApiResponse(description="The stream ended at or before `Last-Event-ID`: nothing to resume."),
+            **{(s, "application/json"): schema.ERROR_RESPONSES[s] for s in (400, 403)},
+            (404, "application/json"): OpenApiResponse(schema.ERROR, description="Unknown or expired stream."),
+        },
+        auth=[],
+    ),
+    delete=extend_schema(
+        summary="Cancel a resumable stream",
+        operation_id="cancelStream",
+        parameters=[OpenApiParameter("token", str, required=True)],
+        responses={
+            200: OpenApiResponse(schema.STREAM),
+            403: schema.ERROR_RESPONSES[403],
+            404: OpenApiResponse(schema.ERROR, description="Unknown or expired stream."),
+        },
+        auth=[],
+    ),
+)
+class StreamView(APIView):
+    """``GET``/``DELETE /v1/streams/<id>?token=…``: the signed token is the credential (EventSource cannot
+    send an Authorization header), and it grants this one stream only."""
+
+    authentication_classes: list = []
+    permission_classes: list = []
+    content_negotiation_class = _AnyAccept
+
+    def get(self, request: Request, stream_id: str) -> HttpResponse:
+        after = _resume_after(request)
+        info = _stream_info(stream_id, request)
+        if info.last_id is not None and after >= info.last_id:
+            return HttpResponse(status=204)  # tells EventSource to stop reconnecting
+        return resumable.event_stream_response(stream_id, after)
+
+    def delete(self, request: Request, stream_id: str) -> Response:
+        info = _stream_info(stream_id, request)
+        async_to_sync(resumable.cancel)(info)
+        return Response({"id": stream_id, "object": "stream", "model": info.model, "cancelled": info.last_id is None})
 
 
 def _model_card(name: str) -> dict:

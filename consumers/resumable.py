@@ -1,0 +1,140 @@
+"""Resumable SSE: a generation that outlives its reader's connection.
+
+``begin`` admits the job (errors are the POST's answer), then a task on this process's event loop — not
+tied to any connection — copies the job's chunks into the stream store (:mod:`tripod.streams`). Readers
+``GET`` the stream: every frame carries ``id:``, and a reader that reconnects with ``Last-Event-ID``
+continues right after it. A reader leaving does not stop the generation; ``DELETE`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from channels.exceptions import ChannelFull
+from channels.layers import get_channel_layer
+from django.http import StreamingHttpResponse
+
+from consumers.jobs import GenerationJob
+from tripod import events, streams
+from tripod.conf import config
+from tripod.errors import APIError, EngineFailure
+from tripod.registry import RegistryUnavailable
+from tripod.responses import ChunkBuilder
+
+logger = logging.getLogger(__name__)
+# How soon a browser's EventSource retries after a dropped connection (the SSE ``retry:`` field).
+RETRY_MS = 1000
+# Generations being copied into the store, kept referenced until they finish.
+_producers: set[asyncio.Task] = set()
+
+
+async def begin(job: GenerationJob) -> dict[str, Any]:
+    """Start copying an admitted ``job``'s frames into the store; return the stream's description."""
+    cfg = config()
+    store = streams.get_store()
+    stream_id = streams.new_stream_id()
+    info = streams.StreamInfo(stream_id, job.id, job.control_channel or "", job.model, None)
+    try:
+        await store.create(info)
+    except RegistryUnavailable as exc:
+        await job.close()
+        raise APIError(
+            f"The stream store (Redis) is unavailable: {exc}", code="stream_store_unavailable", status=503
+        ) from None
+    task = asyncio.create_task(_produce(job, stream_id, store))
+    _producers.add(task)
+    task.add_done_callback(_producers.discard)
+    expires_at = int(time.time() + cfg.stream_ttl)
+    return {
+        "id": stream_id,
+        "object": "stream",
+        "model": job.model,
+        "created": int(time.time()),
+        "url": f"/v1/streams/{stream_id}?token={streams.sign(stream_id, expires_at)}",
+        "expires_at": expires_at,
+    }
+
+
+async def _produce(job: GenerationJob, stream_id: str, store: streams.StreamStore) -> None:
+    request = job.request
+    builder = ChunkBuilder(request.kind, job.model, request.include_usage)
+    frame_id = 0
+
+    async def put(text: str) -> None:
+        nonlocal frame_id
+        frame_id += 1
+        await store.append(stream_id, streams.Frame(frame_id, text))
+
+    async with job:
+        try:
+            try:
+                async for delta in job.deltas():
+                    if delta is not None and delta.text:
+                        await put(streams.data(builder.delta(delta.text)))
+                await put(streams.data(builder.finish("cancelled" if job.cancelled else job.finish_reason)))
+                if request.include_usage:
+                    await put(streams.data(builder.usage(job.usage)))
+            except APIError as error:
+                await put(streams.data(error.to_dict()))
+            await put(streams.DONE)
+        except RegistryUnavailable as exc:
+            # The store is gone: nobody can read what follows, so stop generating (closing the job does).
+            logger.warning("stream %s: the store failed, cancelling its generation: %r", stream_id, exc)
+        except Exception:
+            logger.exception("stream %s: copying the generation failed", stream_id)
+
+
+async def cancel(info: streams.StreamInfo) -> None:
+    """Tell the stream's worker to stop; its final frames (finish ``cancelled``, usage) still arrive."""
+    if info.last_id is not None or not info.control_channel:
+        return
+    try:
+        await get_channel_layer().send(info.control_channel, {"type": events.CANCEL, "id": info.job_id})
+    except (ChannelFull, *RegistryUnavailable):
+        pass  # the worker is gone or drowning; its generation ends by itself
+
+
+def _sse(frame: streams.Frame) -> bytes:
+    return f"id: {frame.id}\ndata: {frame.data}\n\n".encode()
+
+
+async def replay(stream_id: str, after: int) -> AsyncIterator[bytes]:
+    """The stream's frames after ``after``, then the live ones, until ``[DONE]``."""
+    cfg = config()
+    store = streams.get_store()
+    yield f"retry: {RETRY_MS}\n\n".encode()
+    last_frame_at = time.monotonic()
+    while True:
+        try:
+            frames = await store.read(stream_id, after, cfg.sse_keepalive)
+        except RegistryUnavailable as exc:
+            error = APIError(f"The stream store (Redis) is unavailable: {exc}", code="stream_store_unavailable")
+            yield f"data: {streams.data(error.to_dict())}\n\n".encode()
+            return
+        if not frames:
+            if time.monotonic() - last_frame_at > cfg.event_timeout + cfg.sse_keepalive:
+                # The process copying this generation died: nothing more will come.
+                error = EngineFailure(
+                    f"Stream {stream_id} received nothing for {cfg.event_timeout:g} s; its generation was lost.",
+                    code="stream_stalled",
+                )
+                yield f"data: {streams.data(error.to_dict())}\n\ndata: {streams.DONE}\n\n".encode()
+                return
+            yield b": keep-alive\n\n"
+            continue
+        last_frame_at = time.monotonic()
+        yield b"".join(_sse(frame) for frame in frames)
+        after = frames[-1].id
+        if frames[-1].last:
+            return
+
+
+def event_stream_response(stream_id: str, after: int) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(replay(stream_id, after), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
