@@ -3,7 +3,8 @@
 ``begin`` admits the job (errors are the POST's answer), then a task on this process's event loop — not
 tied to any connection — copies the job's chunks into the stream store (:mod:`tripod.streams`). Readers
 ``GET`` the stream: every frame carries ``id:``, and a reader that reconnects with ``Last-Event-ID``
-continues right after it. A reader leaving does not stop the generation; ``DELETE`` does.
+continues right after it. A reader leaving does not stop the generation; ``DELETE`` does, and so does
+having no reader at all for ``TRIPOD_STREAM_READER_TIMEOUT`` seconds (nobody would see the result).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from tripod.responses import ChunkBuilder
 logger = logging.getLogger(__name__)
 # How soon a browser's EventSource retries after a dropped connection (the SSE ``retry:`` field).
 RETRY_MS = 1000
+# How often a stream's generation checks that someone still reads it, and a reader says it is there.
+READER_CHECK_SECONDS = 1.0
 # Generations being copied into the store, kept referenced until they finish.
 _producers: set[asyncio.Task] = set()
 
@@ -69,12 +72,20 @@ async def _produce(job: GenerationJob, stream_id: str, store: streams.StreamStor
         frame_id += 1
         await store.append(stream_id, streams.Frame(frame_id, text))
 
+    reader_timeout = config().stream_reader_timeout
+    checked_at = time.monotonic()
     async with job:
         try:
             try:
-                async for delta in job.deltas():
+                async for delta in job.deltas(tick=READER_CHECK_SECONDS):
                     if delta is not None and delta.text:
                         await put(streams.data(builder.delta(delta.text)))
+                    if reader_timeout and time.monotonic() - checked_at >= READER_CHECK_SECONDS:
+                        checked_at = time.monotonic()
+                        if time.time() - await store.last_reader(stream_id) > reader_timeout:
+                            # Nobody has read this stream for a while: stop spending the engine on it.
+                            logger.info("stream %s: no reader for %g s, cancelling", stream_id, reader_timeout)
+                            await job.cancel()
                 await put(streams.data(builder.finish("cancelled" if job.cancelled else job.finish_reason)))
                 if request.include_usage:
                     await put(streams.data(builder.usage(job.usage)))
@@ -107,10 +118,14 @@ async def replay(stream_id: str, after: int) -> AsyncIterator[bytes]:
     cfg = config()
     store = streams.get_store()
     yield f"retry: {RETRY_MS}\n\n".encode()
-    last_frame_at = time.monotonic()
+    last_frame_at = last_sent_at = time.monotonic()
+    present_at = float("-inf")
     while True:
         try:
-            frames = await store.read(stream_id, after, cfg.sse_keepalive)
+            if time.monotonic() - present_at >= READER_CHECK_SECONDS / 2:
+                present_at = time.monotonic()
+                await store.reader_present(stream_id)
+            frames = await store.read(stream_id, after, min(cfg.sse_keepalive, READER_CHECK_SECONDS))
         except RegistryUnavailable as exc:
             error = APIError(f"The stream store (Redis) is unavailable: {exc}", code="stream_store_unavailable")
             yield f"data: {streams.data(error.to_dict())}\n\n".encode()
@@ -124,9 +139,11 @@ async def replay(stream_id: str, after: int) -> AsyncIterator[bytes]:
                 )
                 yield f"data: {streams.data(error.to_dict())}\n\ndata: {streams.DONE}\n\n".encode()
                 return
-            yield b": keep-alive\n\n"
+            if time.monotonic() - last_sent_at >= cfg.sse_keepalive:
+                last_sent_at = time.monotonic()
+                yield b": keep-alive\n\n"
             continue
-        last_frame_at = time.monotonic()
+        last_frame_at = last_sent_at = time.monotonic()
         yield b"".join(_sse(frame) for frame in frames)
         after = frames[-1].id
         if frames[-1].last:

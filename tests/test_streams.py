@@ -154,16 +154,42 @@ def test_delete_cancels_the_generation_and_the_stream_ends_with_exact_usage(serv
     assert_cancelled(frames)
 
 
-def test_a_keyed_server_wants_the_key_to_start_but_only_the_url_to_read_and_urls_expire():
-    live = LiveServer({"API_KEY": "sk-streams", "TRIPOD_STREAM_TTL": "2"})
+def finish_reason(frames: list[tuple[int | None, str]]) -> str:
+    return [json.loads(data) for _, data in frames[:-1] if json.loads(data)["choices"]][-1]["choices"][0][
+        "finish_reason"
+    ]
+
+
+def test_keys_expiry_and_abandoned_streams():
+    """One server with a key, 8 s URLs and a 2 s reader timeout."""
+    env = {"API_KEY": "sk-streams", "TRIPOD_STREAM_TTL": "8", "TRIPOD_STREAM_READER_TIMEOUT": "2"}
+    auth = {"headers": {"Authorization": "Bearer sk-streams"}}
+    live = LiveServer(env)
     try:
         live.wait_ready()
+        # Starting needs the key; reading needs only the URL.
         refused = httpx.post(live.url + "/v1/streams", json=chat_body(max_tokens=2), timeout=30)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
-        stream = start(live.url, chat_body(max_tokens=3), headers={"Authorization": "Bearer sk-streams"})
+        stream = start(live.url, chat_body(max_tokens=3), **auth)
         status, raw = read(live.url, stream)
         assert status == 200 and parse_frames(raw)[-1][1] == "[DONE]"
-        time.sleep(2.5)
+        # A connected reader keeps its generation going for longer than the reader timeout, even when it
+        # is slow to read ...
+        kept = start(
+            live.url, chat_body(max_tokens=200, ignore_eos=True, stream_options={"include_usage": True}), **auth
+        )
+        with httpx.stream("GET", live.url + kept["url"], timeout=60) as response:
+            pieces = response.iter_text()
+            raw = next(pieces)
+            time.sleep(5)
+            raw += "".join(pieces)
+        assert finish_reason(parse_frames(raw)) == "length"
+        # ... and one nobody reads is cancelled; a late reader still gets everything up to the stop.
+        abandoned = start(live.url, chat_body(**LONG, stream_options={"include_usage": True}), **auth)
+        time.sleep(4)
+        assert_cancelled(parse_frames(read(live.url, abandoned)[1]))
+        # URLs expire.
+        time.sleep(max(0.0, stream["expires_at"] + 1 - time.time()))
         expired = httpx.get(live.url + stream["url"], timeout=30)
         assert expired.status_code == 403 and expired.json()["error"]["code"] == "stream_expired"
     finally:

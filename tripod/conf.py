@@ -43,6 +43,7 @@ class Config:
     engine_step_timeout: float
     sse_keepalive: float
     stream_ttl: float
+    stream_reader_timeout: float
     ws_max_inflight: int
     ws_max_frame_bytes: int
     max_prompt_tokens: int
@@ -103,6 +104,7 @@ def config() -> Config:
         engine_step_timeout=float(raw["ENGINE_STEP_TIMEOUT"]),
         sse_keepalive=float(raw["SSE_KEEPALIVE"]),
         stream_ttl=float(raw.get("STREAM_TTL", 600)),
+        stream_reader_timeout=float(raw.get("STREAM_READER_TIMEOUT", 30)),
         ws_max_inflight=int(raw["WS_MAX_INFLIGHT"]),
         ws_max_frame_bytes=int(raw.get("WS_MAX_FRAME_BYTES", 1 << 20)),
         max_prompt_tokens=int(raw.get("MAX_PROMPT_TOKENS", 0)),

@@ -152,6 +152,7 @@ TRIPOD = {
     "ENGINE_STEP_TIMEOUT": float(os.environ.get("TRIPOD_ENGINE_STEP_TIMEOUT", "60")),
     "SSE_KEEPALIVE": float(os.environ.get("TRIPOD_SSE_KEEPALIVE", "10")),
     "STREAM_TTL": float(os.environ.get("TRIPOD_STREAM_TTL", "600")),
+    "STREAM_READER_TIMEOUT": float(os.environ.get("TRIPOD_STREAM_READER_TIMEOUT", "30")),
     "WS_MAX_INFLIGHT": int(os.environ.get("TRIPOD_WS_MAX_INFLIGHT", "8")),
     "WS_MAX_FRAME_BYTES": int(os.environ.get("TRIPOD_WS_MAX_FRAME_BYTES", str(1024 * 1024))),
     "MAX_PROMPT_TOKENS": int(os.environ.get("TRIPOD_MAX_PROMPT_TOKENS", "0")),

@@ -114,6 +114,14 @@ class StreamStore:
         """Frames with ids above ``after``; if there are none yet, wait up to ``wait`` seconds for some."""
         raise NotImplementedError
 
+    async def reader_present(self, stream_id: str) -> None:
+        """Note that a reader is connected now (readers call it about once a second)."""
+        raise NotImplementedError
+
+    async def last_reader(self, stream_id: str) -> float:
+        """Unix time a reader was last connected (the stream's creation counts as one)."""
+        raise NotImplementedError
+
 
 class _Buffer:
     def __init__(self, info: StreamInfo, ttl: float) -> None:
@@ -121,6 +129,7 @@ class _Buffer:
         self.frames: list[Frame] = []
         self.changed = asyncio.Event()
         self.expires = time.monotonic() + ttl
+        self.last_reader = time.time()
 
 
 class MemoryStreamStore(StreamStore):
@@ -173,6 +182,15 @@ class MemoryStreamStore(StreamStore):
                 return []
         return buffer.frames[after:]
 
+    async def reader_present(self, stream_id: str) -> None:
+        buffer = self._get(stream_id)
+        if buffer is not None:
+            buffer.last_reader = time.time()
+
+    async def last_reader(self, stream_id: str) -> float:
+        buffer = self._get(stream_id)
+        return 0.0 if buffer is None else buffer.last_reader
+
 
 class RedisStreamStore(StreamStore):
     """Shared by every web process: a Redis Stream per generation (entry ids ``0-<frame id>``) and a hash
@@ -202,9 +220,18 @@ class RedisStreamStore(StreamStore):
         _, info_key = self._keys(info.id)
         ttl_ms = int(config().stream_ttl * 1000)
         async with self._client().pipeline(transaction=True) as pipe:
-            pipe.hset(info_key, mapping=info.to_record())
+            pipe.hset(info_key, mapping={**info.to_record(), "last_reader": time.time()})
             pipe.pexpire(info_key, ttl_ms)
             await pipe.execute()
+
+    async def reader_present(self, stream_id: str) -> None:
+        _, info_key = self._keys(stream_id)
+        await self._client().hset(info_key, "last_reader", time.time())
+
+    async def last_reader(self, stream_id: str) -> float:
+        _, info_key = self._keys(stream_id)
+        value = await self._client().hget(info_key, "last_reader")
+        return 0.0 if value is None else float(value)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         _, info_key = self._keys(stream_id)
