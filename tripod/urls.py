@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
+from tripod import pages
 from tripod.api import views
 
 # The API description is public: it holds no secrets and client authors need it before they have a key.
@@ -33,6 +34,9 @@ urlpatterns = [
         name="docs",
     ),
     path("admin/", admin.site.urls),
+    # The chat page and its assets: plain Django views, outside the API and its OpenAPI document.
+    path("", pages.chat_page, name="chat-page"),
+    path("ui/<str:name>", pages.ui_asset, name="ui-asset"),
 ]
 
 handler400 = "tripod.errors.bad_request"
