@@ -53,6 +53,43 @@ def test_a_seed_reproduces_its_output_whatever_shares_the_batch(cb_model):
     assert len({results[i] for i in (1, 3, 5, 7)}) == 4
 
 
+def test_greedy_and_sampled_requests_in_one_batch_keep_their_own_outputs(cb_model):
+    # Only the sampling rows of a batch run the processors: each row must still get its own request's arguments.
+    greedy = text_of(cb_model, max_tokens=24, temperature=0)
+    seeded = text_of(cb_model, max_tokens=24, temperature=1.0, seed=7)
+    assert seeded != greedy
+    kinds = [
+        ({"temperature": 0}, greedy),
+        ({"temperature": 1.0, "seed": 7}, seeded),
+        ({"temperature": 1.5, "top_k": 1, "seed": 11}, greedy),  # top-k 1 leaves only the argmax to sample
+        ({"temperature": 0.7, "top_p": 1e-6, "seed": 12}, greedy),  # so does a tiny nucleus
+    ]
+    results: list[str] = [""] * 12
+    barrier = threading.Barrier(len(results))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = text_of(cb_model, max_tokens=24, **kinds[i % len(kinds)][0])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(results))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [kinds[i % len(kinds)][1] for i in range(len(results))]
+
+
+def test_a_greedy_batch_runs_no_sampling_processor(cb_model, monkeypatch):
+    calls = []
+    for processor in cb_model.manager.logit_processor.logits_processor:
+        cls = type(processor)
+        monkeypatch.setattr(cls, "__call__", lambda *a, _f=cls.__call__, **k: calls.append(1) or _f(*a, **k))
+    text_of(cb_model, max_tokens=4, temperature=0)
+    assert calls == []
+    text_of(cb_model, max_tokens=4, temperature=1.0, seed=1)
+    assert calls
+
+
 def test_top_k_one_is_greedy(cb_model):
     assert text_of(cb_model, max_tokens=16, temperature=1.5, top_k=1, seed=3) == text_of(
         cb_model, max_tokens=16, temperature=0

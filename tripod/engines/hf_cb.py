@@ -83,19 +83,68 @@ class SeededGumbelSampler(ContinuousBatchingLogitsProcessor):
         return torch.where((keys != 0).unsqueeze(-1), sampled, scores.float()).to(scores.dtype)
 
 
-def sampling_processors(vocab_size: int) -> ContinuousBatchingLogitsProcessorList:
-    """Temperature, top-k, top-p (transformers' per-request processors) then the seeded sampler."""
-    processors = LogitsProcessorList(
-        [
-            ContinuousBatchingTemperatureLogitsWarper(TemperatureLogitsWarper(1.0)),
-            ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(top_k=vocab_size)),
-            ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(1.0)),
-            SeededGumbelSampler(),
+class RequestSampling(ContinuousBatchingLogitsProcessorList):
+    """Temperature, top-k, top-p (transformers' per-request processors) then the seeded sampler.
+
+    Without a captured graph, the batch's requests are known on the host before the forward: each step runs only
+    the processors that some request needs, on only the rows that sample, so a greedy batch costs nothing here
+    (each processor otherwise sorts or hashes the whole vocabulary on every row). A captured CUDA graph cannot
+    branch: there every row runs the whole chain, greedy rows with neutral arguments (zero key: no noise).
+    """
+
+    def __init__(self, vocab_size: int, branch_free: bool = False) -> None:
+        self.temperature = ContinuousBatchingTemperatureLogitsWarper(TemperatureLogitsWarper(1.0))
+        self.top_k = ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(top_k=vocab_size))
+        self.top_p = ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(1.0))
+        self.seeded = SeededGumbelSampler()
+        processors = [self.temperature, self.top_k, self.top_p, self.seeded]
+        super().__init__(LogitsProcessorList(processors), per_request_processors=False)
+        self.tensors_required = len(processors)  # one int32 row of arguments per processor
+        self.vocab_size = vocab_size
+        self.branch_free = branch_free
+        # What the next __call__ does: (rows that sample, [(processor, its arguments for those rows)]), or None.
+        # prepare_tensor_args and __call__ run back to back on the batching thread, for the same batch.
+        self._plan: tuple[torch.Tensor | None, list[tuple[ContinuousBatchingLogitsProcessor, torch.Tensor]]] | None
+        self._plan = None
+
+    def prepare_tensor_args(self, requests_in_batch, arg_storage: torch.Tensor) -> torch.Tensor:
+        if self.branch_free:
+            return super().prepare_tensor_args(requests_in_batch, arg_storage)
+        with_new_token = [request for request in requests_in_batch if request.has_new_token]
+        rows = [i for i, request in enumerate(with_new_token) if request.state.logit_processor_kwargs]
+        if not rows:
+            self._plan = None
+            return arg_storage
+        sampling = [with_new_token[i] for i in rows]
+        kwargs = [request.state.logit_processor_kwargs for request in sampling]
+        needed = [
+            (self.temperature, any(kw.get("temperature", 1.0) != 1.0 for kw in kwargs)),
+            (self.top_k, any(kw.get("top_k", self.vocab_size) < self.vocab_size for kw in kwargs)),
+            (self.top_p, any(kw.get("top_p", 1.0) < 1.0 for kw in kwargs)),
+            (self.seeded, True),
         ]
-    )
-    chain = ContinuousBatchingLogitsProcessorList(processors, per_request_processors=False)
-    chain.tensors_required = len(processors)  # one int32 row of arguments per processor
-    return chain
+        device = arg_storage.device
+        steps = [(processor, processor.prepare_tensor_args(sampling).to(device)) for processor, used in needed if used]
+        index = None if len(rows) == len(with_new_token) else torch.tensor(rows, dtype=torch.int64, device=device)
+        self._plan = (index, steps)
+        return arg_storage
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor):
+        if self.branch_free:
+            return super().__call__(input_ids, scores, logits_processor_args)
+        plan, self._plan = self._plan, None
+        if plan is None:
+            return scores
+        index, steps = plan
+        rows = scores if index is None else scores.index_select(0, index)
+        for processor, args in steps:
+            rows = processor(rows, args)
+        return rows if index is None else scores.index_copy(0, index, rows.to(scores.dtype))
+
+
+def sampling_processors(vocab_size: int, branch_free: bool = False) -> RequestSampling:
+    """The per-request sampling chain; ``branch_free`` when the forward is captured (CUDA graphs, compile)."""
+    return RequestSampling(vocab_size, branch_free)
 
 
 class _DirectDispatch:
@@ -263,7 +312,11 @@ class HFContinuousBatchingModel(HFChatModel):
         manager = self.model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
-        manager.logit_processor = sampling_processors(self.vocab_size)
+        resolved = manager.continuous_batching_config
+        captured = any(resolved.cuda_graph_booleans) or bool(
+            resolved.varlen_compile_config or resolved.decode_compile_config
+        )
+        manager.logit_processor = sampling_processors(self.vocab_size, branch_free=captured)
         # The manager's loop thread inherits "daemon" from the thread that starts it: start it from a daemon
         # thread, so that a server (or a bench) can exit without stopping the manager first.
         starter = threading.Thread(target=manager.start, name="tripod-cb-start", daemon=True)
