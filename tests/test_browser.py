@@ -211,12 +211,31 @@ def test_stop_ends_the_generation_on_the_server(chat, live, transport):
     assert re.search(r'^tripod:num_requests_running\{[^}]*transport="' + transport + r'"[^}]*\} 0\.0$', metrics, re.M)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_refused_request_shows_the_servers_error(chat, live, transport):
+    chat.open()
+    chat.configure(transport=transport, max_tokens=100_000)
+    reply = chat.send(PROMPT)
+    assert chat.wait_state(reply, "error", "done") == "error"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 100_000}
+    error = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60).json()["error"]
+    shown = reply.locator(".error").inner_text()
+    assert error["message"] in shown and error["code"] in shown
+    # The failed turn is not part of the conversation: the next one is answered as if it never happened.
+    chat.configure(max_tokens=10, ignore_eos=True, **SAMPLING)
+    second = chat.send("Hello")
+    assert chat.wait_state(second, "done", "error") == "done"
+    assert second.get_attribute("data-raw") == expected_reply(live, [{"role": "user", "content": "Hello"}], 10)
+    # SSE's refused POST is a failed request in the console; nothing else may be.
+    chat.problems[:] = [p for p in chat.problems if not (transport == "sse" and "status of 400" in p)]
+
+
 def test_an_sse_reply_survives_a_cut_connection(chromium, live):
     proxy = TCPProxy(live.port)
     context = chromium.new_context(viewport=DESKTOP)
     try:
         chat = ChatPage(context.new_page(), proxy.url).open()
-        chat.configure(transport="sse", max_tokens=200, ignore_eos=True, **SAMPLING)
+        chat.configure(transport="sse", max_tokens=150, ignore_eos=True, **SAMPLING)
         # The stream's response stops after a few frames (perhaps mid-frame), whatever the model's speed.
         proxy.hold_stream(after_bytes=2500)
         reply = chat.send(PROMPT)
@@ -228,7 +247,7 @@ def test_an_sse_reply_survives_a_cut_connection(chromium, live):
         assert chat.wait_state(reply, "done", "error") == "done"
         raw = reply.get_attribute("data-raw")
         assert raw.startswith(before) and len(raw) > len(before)
-        assert raw == expected_reply(live, [{"role": "user", "content": PROMPT}], 200), "a gap or a repeat"
+        assert raw == expected_reply(live, [{"role": "user", "content": PROMPT}], 150), "a gap or a repeat"
         # It really reconnected, and told the server where it was.
         assert int(reply.get_attribute("data-reconnects")) >= 1
         assert proxy.accepted > connections
@@ -312,6 +331,10 @@ def test_screenshots_desktop_and_phone(chromium, live):
         page = chat.page
         # Settings live in a sheet on a phone: hidden until opened.
         assert page.is_hidden("#settings")
+        page.click("#settings-toggle")
+        page.wait_for_selector("#settings", state="visible")
+        page.touchscreen.tap(12, 420)  # the scrim beside the sheet closes it
+        page.wait_for_selector("#settings", state="hidden")
         page.click("#settings-toggle")
         page.wait_for_selector("#settings", state="visible")
         chat.configure(temperature=0.8, max_tokens=60)

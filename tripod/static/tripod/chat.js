@@ -57,7 +57,8 @@ function showAuth(message) {
 
 function refreshKeyStatus() {
   const key = apiKey();
-  $("#key-status").textContent = key ? `Using a key ending in …${key.slice(-4)}.` : "None entered.";
+  const hint = key.length >= 12 ? ` ending in …${key.slice(-4)}` : "";
+  $("#key-status").textContent = key ? `Using a key${hint}.` : "None entered.";
   $("#api-key-forget").hidden = !key;
   $("#api-key-change").textContent = key ? "Change key" : "Enter a key";
 }
@@ -195,6 +196,10 @@ $("#settings-toggle").addEventListener("click", () =>
   app.dataset.settings === "open" ? closeSettings() : openSettings(),
 );
 $("#settings-close").addEventListener("click", closeSettings);
+// On a narrow screen the sheet covers the page with a scrim (the layout's ::before): a tap there closes it.
+$(".layout").addEventListener("click", (event) => {
+  if (event.target === event.currentTarget && app.dataset.settings === "open") closeSettings();
+});
 
 /** The request body for this turn, as POST /v1/chat/completions takes it (without `stream`). */
 function requestBody() {
