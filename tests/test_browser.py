@@ -10,6 +10,7 @@ README shows (docs/img/).
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -207,8 +208,12 @@ def test_stop_ends_the_generation_on_the_server(chat, live, transport):
     assert reply.get_attribute("data-raw") == text
     assert "stopped" in reply.locator(".meta").inner_text()
     assert chat.page.is_visible("#send") and chat.page.is_hidden("#stop")
-    metrics = httpx.get(live.url + "/metrics").text
-    assert re.search(r'^tripod:num_requests_running\{[^}]*transport="' + transport + r'"[^}]*\} 0\.0$', metrics, re.M)
+    # And nothing is left running (the gauge settles just after the last frame goes out).
+    idle = re.compile(r'^tripod:num_requests_running\{[^}]*transport="' + transport + r'"[^}]*\} 0\.0$', re.M)
+    deadline = time.monotonic() + 10
+    while not idle.search(httpx.get(live.url + "/metrics").text):
+        assert time.monotonic() < deadline, "a stopped generation is still counted as running"
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
