@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tripod.engines import ChatModel
-from tripod.engines.hf_cb import noise_key, uniform_noise
+from tripod.engines.hf_cb import leave_a_core_for_the_server, noise_key, uniform_noise
 from tripod.errors import EngineFailure, InvalidRequest
 
 MESSAGES = [{"role": "user", "content": "Tell me about rivers."}]
@@ -151,6 +151,23 @@ def test_noise_is_a_pure_function_of_the_key():
     # Roughly uniform: the mean of many draws is near one half.
     many = uniform_noise(torch.arange(1, 2001, dtype=torch.int32), 100)
     assert abs(float(many.mean()) - 0.5) < 0.01
+
+
+def test_torch_leaves_a_core_to_the_server_unless_omp_num_threads_says(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        assert leave_a_core_for_the_server() == 4
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        assert leave_a_core_for_the_server() == 3
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+        assert leave_a_core_for_the_server() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_batching_loop_never_keeps_a_process_alive(cb_model):

@@ -10,6 +10,7 @@ Stop strings and finish reasons live in the shared text layer (``TokenStream``),
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -145,6 +146,19 @@ class RequestSampling(ContinuousBatchingLogitsProcessorList):
 def sampling_processors(vocab_size: int, branch_free: bool = False) -> RequestSampling:
     """The per-request sampling chain; ``branch_free`` when the forward is captured (CUDA graphs, compile)."""
     return RequestSampling(vocab_size, branch_free)
+
+
+def leave_a_core_for_the_server() -> int:
+    """On CPU, give torch's intra-op pool one core fewer than this process may use (at least one); return its size.
+
+    The batching thread is the only thread that runs the model, and its idle OpenMP workers spin between operators:
+    with every core in the pool, they take the core that the server's event loop, the streams and the clients need
+    (vLLM's CPU backend reserves a core for the same reason). ``OMP_NUM_THREADS`` in the environment wins.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+    return torch.get_num_threads()
 
 
 class _DirectDispatch:
@@ -296,6 +310,7 @@ class HFContinuousBatchingModel(HFChatModel):
             self.cb_num_blocks = self.cb_num_blocks or 512
             self.cb_max_batch_tokens = self.cb_max_batch_tokens or 1024
         use_graph = on_gpu if self.cb_cuda_graph == "auto" else self.cb_cuda_graph in (True, "1", "true", "yes")
+        threads = torch.get_num_threads() if on_gpu else leave_a_core_for_the_server()
         cb_config = ContinuousBatchingConfig(
             num_blocks=self.cb_num_blocks,
             max_batch_tokens=self.cb_max_batch_tokens,
@@ -324,11 +339,12 @@ class HFContinuousBatchingModel(HFChatModel):
         starter.join()
         self.manager = manager
         logger.info(
-            "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s",
+            "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s torch_threads=%d",
             self.device,
             self.cb_num_blocks,
             self.cb_max_batch_tokens,
             use_graph,
+            threads,
         )
 
     def _start_raw(
