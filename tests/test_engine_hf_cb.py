@@ -90,6 +90,17 @@ def test_a_greedy_batch_runs_no_sampling_processor(cb_model, monkeypatch):
     assert calls
 
 
+def test_grouped_heads_reach_the_attention_kernel_uncopied(cb_model, monkeypatch):
+    # The tiny model has 4 query heads on 2 key/value heads: on CPU the kernel takes them grouped, with the mask.
+    from transformers.integrations import sdpa_attention
+
+    copies = []
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *a: copies.append(1) or a[0])
+    assert cb_model.model.config.num_key_value_heads < cb_model.model.config.num_attention_heads
+    text_of(cb_model, max_tokens=4, temperature=0)
+    assert copies == []
+
+
 def test_top_k_one_is_greedy(cb_model):
     assert text_of(cb_model, max_tokens=16, temperature=1.5, top_k=1, seed=3) == text_of(
         cb_model, max_tokens=16, temperature=0
