@@ -17,9 +17,9 @@ from typing import Any
 
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
-from django.http import StreamingHttpResponse
 
 from consumers.jobs import GenerationJob
+from consumers.sse import DONE, KEEPALIVE, frame
 from tripod import events, streams
 from tripod.conf import config
 from tripod.errors import APIError, EngineFailure
@@ -109,8 +109,8 @@ async def cancel(info: streams.StreamInfo) -> None:
         pass  # the worker is gone or drowning; its generation ends by itself
 
 
-def _sse(frame: streams.Frame) -> bytes:
-    return f"id: {frame.id}\ndata: {frame.data}\n\n".encode()
+def _numbered(stored: streams.Frame) -> bytes:
+    return f"id: {stored.id}\ndata: {stored.data}\n\n".encode()
 
 
 async def replay(stream_id: str, after: int) -> AsyncIterator[bytes]:
@@ -128,7 +128,7 @@ async def replay(stream_id: str, after: int) -> AsyncIterator[bytes]:
             frames = await store.read(stream_id, after, min(cfg.sse_keepalive, READER_CHECK_SECONDS))
         except RegistryUnavailable as exc:
             error = APIError(f"The stream store (Redis) is unavailable: {exc}", code="stream_store_unavailable")
-            yield f"data: {streams.data(error.to_dict())}\n\n".encode()
+            yield frame(error.to_dict())
             return
         if not frames:
             if time.monotonic() - last_frame_at > cfg.event_timeout + cfg.sse_keepalive:
@@ -137,21 +137,14 @@ async def replay(stream_id: str, after: int) -> AsyncIterator[bytes]:
                     f"Stream {stream_id} received nothing for {cfg.event_timeout:g} s; its generation was lost.",
                     code="stream_stalled",
                 )
-                yield f"data: {streams.data(error.to_dict())}\n\ndata: {streams.DONE}\n\n".encode()
+                yield frame(error.to_dict()) + DONE
                 return
             if time.monotonic() - last_sent_at >= cfg.sse_keepalive:
                 last_sent_at = time.monotonic()
-                yield b": keep-alive\n\n"
+                yield KEEPALIVE
             continue
         last_frame_at = last_sent_at = time.monotonic()
-        yield b"".join(_sse(frame) for frame in frames)
+        yield b"".join(_numbered(stored) for stored in frames)
         after = frames[-1].id
         if frames[-1].last:
             return
-
-
-def event_stream_response(stream_id: str, after: int) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(replay(stream_id, after), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response

@@ -48,11 +48,17 @@ async def event_stream(job: GenerationJob) -> AsyncIterator[bytes]:
         await job.close()
 
 
-def streaming_response(job: GenerationJob) -> StreamingHttpResponse:
-    """The ``text/event-stream`` response for an admitted job."""
-    response = StreamingHttpResponse(event_stream(job), content_type="text/event-stream")
+def event_stream_response(body: AsyncIterator[bytes]) -> StreamingHttpResponse:
+    """A ``text/event-stream`` response that no cache or proxy holds back."""
+    response = StreamingHttpResponse(body, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    return response
+
+
+def streaming_response(job: GenerationJob) -> StreamingHttpResponse:
+    """The ``text/event-stream`` response for an admitted job."""
+    response = event_stream_response(event_stream(job))
     # If the client leaves before the body starts, the generator never runs; closing the response
     # still stops the worker.
     response._resource_closers.append(async_to_sync(job.close))

@@ -207,7 +207,7 @@ class StreamView(APIView):
         info = _stream_info(stream_id, request)
         if info.last_id is not None and after >= info.last_id:
             return HttpResponse(status=204)  # tells EventSource to stop reconnecting
-        return resumable.event_stream_response(stream_id, after)
+        return sse.event_stream_response(resumable.replay(stream_id, after))
 
     def delete(self, request: Request, stream_id: str) -> Response:
         info = _stream_info(stream_id, request)

@@ -143,11 +143,6 @@ class RequestSampling(ContinuousBatchingLogitsProcessorList):
         return rows if index is None else scores.index_copy(0, index, rows.to(scores.dtype))
 
 
-def sampling_processors(vocab_size: int, branch_free: bool = False) -> RequestSampling:
-    """The per-request sampling chain; ``branch_free`` when the forward is captured (CUDA graphs, compile)."""
-    return RequestSampling(vocab_size, branch_free)
-
-
 def leave_a_core_for_the_server() -> int:
     """On CPU, give torch's intra-op pool one core fewer than this process may use (at least one); return its size.
 
@@ -335,7 +330,7 @@ class HFContinuousBatchingModel(HFChatModel):
         captured = any(resolved.cuda_graph_booleans) or bool(
             resolved.varlen_compile_config or resolved.decode_compile_config
         )
-        manager.logit_processor = sampling_processors(self.vocab_size, branch_free=captured)
+        manager.logit_processor = RequestSampling(self.vocab_size, branch_free=captured)
         # The manager's loop thread inherits "daemon" from the thread that starts it: start it from a daemon
         # thread, so that a server (or a bench) can exit without stopping the manager first.
         starter = threading.Thread(target=manager.start, name="tripod-cb-start", daemon=True)
