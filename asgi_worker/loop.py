@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from functools import partial
 from typing import Any
 
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 # Remember cancels of jobs not pulled yet for this long (a job waits at most the queue timeout).
 CANCEL_MEMORY_SECONDS = 600
 RETRY_SECONDS = 0.5
-_END = object()
 
 
 class Worker:
@@ -68,7 +68,7 @@ class Worker:
         self._free = asyncio.Semaphore(slots)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
-        # Engine iteration blocks on the engine's streamer, so each running job holds a thread.
+        # Loading the model and starting a generation (tokenizing, admitting it to the engine) block.
         self._executor = ThreadPoolExecutor(max_workers=slots + 2, thread_name_prefix="tripod-worker")
         self._model: ChatModel | None = None
         self._model_lock = asyncio.Lock()
@@ -299,48 +299,14 @@ class Worker:
             )
 
     async def _pump(self, job_id: str, reply: str, stream: TokenStream) -> None:
-        """Relay deltas; whatever piled up while the last send was in flight goes out as one delta."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def produce() -> None:
-            try:
-                for delta in stream:
-                    loop.call_soon_threadsafe(queue.put_nowait, delta)
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
-            except BaseException as exc:  # noqa: BLE001 - handed to the event loop
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-
-        producer = loop.run_in_executor(self._executor, produce)
+        """Relay deltas; whatever arrived while the last send was in flight goes out as one delta."""
         seq = 0
-        reader_gone = False
-        try:
-            finished = False
-            while not finished:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                text, tokens = [], 0
-                for item in items:
-                    if item is _END:
-                        finished = True
-                    elif isinstance(item, BaseException):
-                        raise item
-                    else:
-                        text.append(item.text)
-                        tokens += item.tokens
-                if (text or tokens) and not reader_gone:
-                    delta = {"type": events.DELTA, "id": job_id, "text": "".join(text), "tokens": tokens, "seq": seq}
-                    seq += 1
-                    if not await self._send(reply, delta):
-                        reader_gone = True
-                        stream.cancel()
-        finally:
-            if not producer.done():
-                stream.cancel()
-            await asyncio.shield(producer)
-        if reader_gone:
-            return
+        async with aclosing(stream.deltas_async()) as deltas:
+            async for delta in deltas:
+                message = {"type": events.DELTA, "id": job_id, "text": delta.text, "tokens": delta.tokens, "seq": seq}
+                seq += 1
+                if not await self._send(reply, message):
+                    return  # the reader is gone: leaving the loop cancels the generation
         if job_id in self._aborted:
             raise ServiceUnavailable("The worker shut down before this generation finished.", code="worker_shutdown")
         done = {"type": events.DONE, "id": job_id, "finish_reason": stream.finish_reason, "usage": stream.usage()}

@@ -6,15 +6,17 @@ OpenAI response shape are handled here once, so that engines only produce tokens
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tripod.engines.text import StopMatcher
+from tripod.errors import EngineFailure
 from tripod.protocol import SamplingParams
 from tripod.responses import chat_completion
 
@@ -45,17 +47,28 @@ class GenerationRecord:
     finished_at: float = field(default_factory=time.monotonic)
 
 
+# What an engine hands to a push sink: a delta, END when the generation is over, or the exception that ended it.
+END = None
+PushItem = Delta | BaseException | None
+
+
 class RawGeneration:
     """An engine's token stream for one request, before the text layer (stop sequences) sees it.
 
     Engines subclass it: iterate to get :class:`Delta` objects, ``cancel()`` from any thread stops the
     work within one decode step, ``eos`` says whether the model ended the text itself.
+
+    An asyncio reader uses ``push_to`` instead of iterating. The default runs the iterator on a thread of
+    its own; an engine whose tokens come from a thread it already runs (a batching loop) overrides it to
+    deliver each step's output for all its requests with one wake-up of the event loop.
     """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     eos: bool = False
     steps_after_cancel: int = 0
+    # Longest wait for the next push before the reader gives up (None: the engine times out by itself).
+    push_timeout: float | None = None
 
     def __init__(self) -> None:
         self.cancel_event = threading.Event()
@@ -63,11 +76,70 @@ class RawGeneration:
     def __iter__(self) -> Iterator[Delta]:
         raise NotImplementedError
 
+    def push_to(self, loop: asyncio.AbstractEventLoop, sink: Callable[[PushItem], None]) -> None:
+        """From now on, call ``sink`` on ``loop`` with each delta, then with END or the exception that ended it.
+
+        Called on ``loop``'s thread. This default iterates on a daemon thread (one per generation).
+        """
+
+        def deliver(item: PushItem) -> None:
+            try:
+                loop.call_soon_threadsafe(sink, item)
+            except RuntimeError:  # the loop is closed: nobody reads any more
+                self.cancel()
+
+        def produce() -> None:
+            try:
+                for delta in self:
+                    deliver(delta)
+                deliver(END)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader on the loop
+                deliver(exc)
+
+        threading.Thread(target=produce, name="tripod-stream", daemon=True).start()
+
     def cancel(self) -> None:
         self.cancel_event.set()
 
     def close(self) -> None:
         """Release the engine's resources for this request (wait for its thread, free its slot)."""
+
+    async def aclose(self) -> None:
+        """``close()`` from the event loop: off the loop, since it may wait for the engine's thread."""
+        await asyncio.to_thread(self.close)
+
+
+class _Inbox:
+    """Pushed items for one asyncio reader: ``put`` on the loop, ``take`` everything pending at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[PushItem] = []
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: PushItem) -> None:
+        self.items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
+    async def take(self, timeout: float | None) -> list[PushItem]:
+        if not self.items:
+            self._waiter = self.loop.create_future()
+            timer = None if timeout is None else self.loop.call_later(timeout, self._expire, self._waiter)
+            try:
+                if not await self._waiter:
+                    raise EngineFailure(f"The engine produced nothing for {timeout:g} s.", code="engine_timeout")
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+        items, self.items = self.items, []
+        return items
+
+    @staticmethod
+    def _expire(waiter: asyncio.Future) -> None:
+        if not waiter.done():
+            waiter.set_result(False)
 
 
 class TokenStream:
@@ -82,6 +154,7 @@ class TokenStream:
         self._stops = StopMatcher(params.stop)
         self._on_finish = on_finish
         self._finished = False
+        self._pending_tokens = 0  # tokens behind text the stop matcher still holds back
 
     @property
     def prompt_tokens(self) -> int:
@@ -104,35 +177,84 @@ class TokenStream:
 
     def __iter__(self) -> Iterator[Delta]:
         try:
-            pending_tokens = 0
             for delta in self.raw:
-                text = self._stops.feed(delta.text)
-                pending_tokens += delta.tokens
-                if text:
-                    yield Delta(text, pending_tokens)
-                    pending_tokens = 0
+                accepted = self._accept(delta)
+                if accepted is not None:
+                    yield accepted
                 if self._stops.stopped:
-                    self.raw.cancel()
-                    self.finish_reason = "stop"
-                    break
-            else:
-                tail = self._stops.flush()
-                if tail or pending_tokens:
-                    yield Delta(tail, pending_tokens)
-                if self.raw.cancel_event.is_set():
-                    self.finish_reason = None
-                elif self.raw.eos:
-                    self.finish_reason = "stop"
-                else:
-                    self.finish_reason = "length"
+                    return
+            tail = self._end()
+            if tail is not None:
+                yield tail
         finally:
             self._finish()
+
+    async def deltas_async(self) -> AsyncIterator[Delta]:
+        """The same deltas on the running event loop, each one everything that arrived since the last.
+
+        A reader that falls behind gets fewer, larger deltas instead of a backlog. Use it with
+        ``contextlib.aclosing`` so that leaving early cancels the generation and frees its slot.
+        """
+        loop = asyncio.get_running_loop()
+        inbox = _Inbox(loop)
+        self.raw.push_to(loop, inbox.put)
+        ended = False
+        try:
+            while not ended:
+                text, tokens = [], 0
+                for item in await inbox.take(self.raw.push_timeout):
+                    if isinstance(item, BaseException):
+                        raise item
+                    accepted = self._end() if item is END else self._accept(item)
+                    ended = item is END or self._stops.stopped
+                    if accepted is not None:
+                        text.append(accepted.text)
+                        tokens += accepted.tokens
+                    if ended:
+                        break
+                if text or tokens:
+                    yield Delta("".join(text), tokens)
+        finally:
+            if not ended:
+                self.raw.cancel()
+            if not self._finished:
+                self._finished = True
+                await self.raw.aclose()
+                self._report()
+
+    def _accept(self, delta: Delta) -> Delta | None:
+        """One raw delta through the stop sequences: what is safe to emit, with the tokens behind it."""
+        text = self._stops.feed(delta.text)
+        self._pending_tokens += delta.tokens
+        if self._stops.stopped:
+            self.raw.cancel()
+            self.finish_reason = "stop"
+        if not text:
+            return None
+        accepted = Delta(text, self._pending_tokens)
+        self._pending_tokens = 0
+        return accepted
+
+    def _end(self) -> Delta | None:
+        """The engine ended the generation: release held-back text and name the finish reason."""
+        if self.raw.cancel_event.is_set():
+            self.finish_reason = None
+        elif self.raw.eos:
+            self.finish_reason = "stop"
+        else:
+            self.finish_reason = "length"
+        tail = self._stops.flush()
+        tokens, self._pending_tokens = self._pending_tokens, 0
+        return Delta(tail, tokens) if tail or tokens else None
 
     def _finish(self) -> None:
         if self._finished:
             return
         self._finished = True
         self.raw.close()
+        self._report()
+
+    def _report(self) -> None:
         if self._on_finish is not None:
             self._on_finish(self)
 

@@ -9,13 +9,14 @@ Stop strings and finish reasons live in the shared text layer (``TokenStream``),
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
 import secrets
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from tripod.engines.base import Delta, Prompt, RawGeneration
+from tripod.engines.base import END, Delta, Prompt, PushItem, RawGeneration
 from tripod.engines.hf import HFChatModel
 from tripod.engines.text import IncrementalDetokenizer
 from tripod.errors import EngineFailure, InvalidRequest
@@ -156,16 +157,37 @@ def leave_a_core_for_the_server() -> int:
     return torch.get_num_threads()
 
 
-class _DirectDispatch:
-    """Stands in for an event loop in the manager's result handlers: deliver on the generation thread.
+class StepDispatch:
+    """Stands in for an event loop in the manager's output router, on the batching thread.
 
-    ``register_result_handler`` needs a running asyncio loop; engines are driven from worker threads, so
-    each request's outputs go straight into that request's own queue instead.
+    The router hands each step's outputs over in one ``call_soon_threadsafe`` (``deliver_batch``). Requests
+    read by a thread get theirs straight into their own queue; those pushed to an event loop are collected,
+    and each loop is woken once per step with all of its requests' outputs.
     """
 
-    @staticmethod
-    def call_soon_threadsafe(callback, *args) -> None:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._collected: dict[asyncio.AbstractEventLoop, list[tuple[CBGeneration, Any]]] = {}
+
+    def collect(self, loop: asyncio.AbstractEventLoop, generation: CBGeneration, output: Any) -> None:
+        with self._lock:
+            self._collected.setdefault(loop, []).append((generation, output))
+
+    def call_soon_threadsafe(self, callback, *args) -> None:
         callback(*args)
+        with self._lock:
+            collected, self._collected = self._collected, {}
+        for loop, outputs in collected.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_on_loop, outputs)
+            except RuntimeError:  # that loop is closed: its readers are gone
+                for generation, _ in outputs:
+                    generation.cancel_event.set()
+
+
+def _deliver_on_loop(outputs: list[tuple[CBGeneration, Any]]) -> None:
+    for generation, output in outputs:
+        generation.on_output(output)
 
 
 _CANCELLED = object()
@@ -178,13 +200,20 @@ class CBGeneration(RawGeneration):
         super().__init__()
         self.model = model
         self.prompt_tokens = len(input_ids)
+        self.push_timeout = model.step_timeout
         self.request_id = uuid.uuid4().hex
         self.outputs: queue.Queue = queue.Queue()
         self.detokenizer = IncrementalDetokenizer(model.tokenizer)
         self.finished = False
+        self._seen = 0
+        # Set once by push_to: then outputs go to that loop's reader instead of self.outputs.
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sink: Callable[[PushItem], None] | None = None
+        self._ended = False
         manager = model.manager
         with manager.output_router._lock:
-            manager.output_router.result_handlers[self.request_id] = (self.outputs.put, _DirectDispatch)
+            manager.output_router.result_handlers[self.request_id] = (self._route, model.dispatch)
         kwargs: dict[str, Any] = {}
         if not params.greedy:
             kwargs = {
@@ -211,10 +240,34 @@ class CBGeneration(RawGeneration):
         model.ensure_manager()
         return cls(model, *args)
 
+    def _route(self, output) -> None:
+        """The router's handler, on the batching thread."""
+        with self._lock:
+            if self._loop is None:
+                self.outputs.put(output)
+                return
+            loop = self._loop
+        self.model.dispatch.collect(loop, self, output)
+
+    def _delta(self, output) -> Delta | None:
+        """One output of the manager (all tokens so far) as the new text; None when it adds nothing."""
+        if output.error:
+            raise EngineFailure(f"The engine failed: {output.error}", code="engine_error")
+        tokens = output.generated_tokens
+        new = tokens[self._seen :]
+        self._seen = self.completion_tokens = len(tokens)
+        done = output.is_finished()
+        if done and tokens and tokens[-1] in self.model.eos_ids:
+            self.eos = True
+        text = self.detokenizer.add(new) if new else ""
+        if done:
+            text += self.detokenizer.flush()
+            self.finished = True
+        return Delta(text, len(new)) if text or new else None
+
     def __iter__(self) -> Iterator[Delta]:
-        seen = 0
         try:
-            while True:
+            while not self.finished:
                 try:
                     output = self.outputs.get(timeout=self.model.step_timeout)
                 except queue.Empty:
@@ -223,32 +276,57 @@ class CBGeneration(RawGeneration):
                     ) from None
                 if output is _CANCELLED or self.cancel_event.is_set():
                     return
-                if output.error:
-                    raise EngineFailure(f"The engine failed: {output.error}", code="engine_error")
-                tokens = output.generated_tokens
-                new = tokens[seen:]
-                seen = len(tokens)
-                self.completion_tokens = seen
-                done = output.is_finished()
-                if done and tokens and tokens[-1] in self.model.eos_ids:
-                    self.eos = True
-                text = self.detokenizer.add(new) if new else ""
-                if done:
-                    text += self.detokenizer.flush()
-                if text or new:
-                    yield Delta(text, len(new))
-                if done:
-                    self.finished = True
-                    return
+                delta = self._delta(output)
+                if delta is not None:
+                    yield delta
         finally:
             self._forget()
+
+    def push_to(self, loop: asyncio.AbstractEventLoop, sink: Callable[[PushItem], None]) -> None:
+        with self._lock:
+            self._loop, self._sink = loop, sink
+            early = []
+            while not self.outputs.empty():
+                early.append(self.outputs.get_nowait())
+        for output in early:
+            self.on_output(output)
+
+    def on_output(self, output) -> None:
+        """A pushed output, on the reader's loop."""
+        if self._ended:
+            return
+        if output is _CANCELLED or self.cancel_event.is_set():
+            self._end(END)
+            return
+        try:
+            delta = self._delta(output)
+        except EngineFailure as exc:
+            self._end(exc)
+            return
+        if delta is not None:
+            self._sink(delta)
+        if self.finished:
+            self._end(END)
+
+    def _end(self, item: PushItem) -> None:
+        self._ended = True
+        self._forget()
+        self._sink(item)
 
     def cancel(self) -> None:
         super().cancel()
         if not self.finished:
             self.model.manager.cancel_request(self.request_id)
         # A cancelled request gets no final output from the manager: end our own stream.
-        self.outputs.put(_CANCELLED)
+        with self._lock:
+            loop = self._loop
+            if loop is None:
+                self.outputs.put(_CANCELLED)
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self.on_output, _CANCELLED)
+            except RuntimeError:
+                pass  # the reader's loop is closed
 
     def _forget(self) -> None:
         router = self.model.manager.output_router
@@ -259,6 +337,9 @@ class CBGeneration(RawGeneration):
         if not self.finished:
             self.cancel()
         self._forget()
+
+    async def aclose(self) -> None:
+        self.close()  # nothing here waits: cancelling only marks the request in the manager
 
 
 class HFContinuousBatchingModel(HFChatModel):
@@ -273,6 +354,7 @@ class HFContinuousBatchingModel(HFChatModel):
         self.cb_num_blocks = options.get("cb_num_blocks") or None
         self.cb_max_batch_tokens = options.get("cb_max_batch_tokens") or None
         self.cb_cuda_graph = options.get("cb_cuda_graph", "auto")
+        self.dispatch = StepDispatch()
 
     def load(self) -> None:
         super().load()
