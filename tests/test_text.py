@@ -1,4 +1,9 @@
-from tripod.engines.text import StopMatcher
+import random
+from pathlib import Path
+
+import pytest
+
+from tripod.engines.text import IncrementalDetokenizer, StopMatcher
 
 
 def feed_all(matcher: StopMatcher, pieces: list[str]) -> str:
@@ -37,3 +42,32 @@ def test_earliest_of_several_stops_wins():
 def test_no_stops_passes_text_through():
     matcher = StopMatcher(())
     assert feed_all(matcher, ["a", "b"]) == "ab"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from tripod.engines.tiny import ensure_tiny_model
+
+    return AutoTokenizer.from_pretrained(ensure_tiny_model(Path.home() / ".cache" / "tripod"))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["decode-stream", "python-decode"])
+def test_incremental_pieces_join_to_the_full_decode_whatever_the_split(tokenizer, native):
+    rng = random.Random(7)
+    ids = [rng.randrange(tokenizer.vocab_size) for _ in range(600)]
+    # Byte-fallback pieces of one multi-byte character, split across steps, end the text: flush must release them.
+    ids += tokenizer.encode("naïve 🙂", add_special_tokens=False)[:-1]
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    if not native:
+        detokenizer._stream = None
+    assert (detokenizer._stream is not None) == native
+    pieces, at = [], 0
+    while at < len(ids):
+        size = rng.choice([1, 1, 1, 2, 5])
+        pieces.append(detokenizer.add(ids[at : at + size]))
+        at += size
+    pieces.append(detokenizer.flush())
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])

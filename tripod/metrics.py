@@ -93,6 +93,7 @@ class RequestMetrics:
     def __init__(self, model: str, transport: str) -> None:
         self.labels = {"model": model, "transport": transport}
         self.state: str | None = None
+        self._inter_token_latency = INTER_TOKEN_LATENCY.labels(**self.labels)  # observed per token: look it up once
 
     def _move(self, state: str | None) -> None:
         if self.state == "waiting":
@@ -118,7 +119,7 @@ class RequestMetrics:
     def tokens(self, gap_seconds: float, count: int) -> None:
         # A coalesced delta carries several tokens: spread its gap over them, as vLLM counts per token.
         for _ in range(count):
-            INTER_TOKEN_LATENCY.labels(**self.labels).observe(gap_seconds / count)
+            self._inter_token_latency.observe(gap_seconds / count)
 
     def finished(self, seconds: float, finish_reason: str, usage: dict | None) -> None:
         E2E_REQUEST_LATENCY.labels(**self.labels).observe(seconds)

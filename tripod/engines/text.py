@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
 
 class StopMatcher:
     """Holds back text that could still become a stop sequence, so a stop is never emitted, even in part."""
@@ -42,7 +45,9 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text pieces, in constant work per token.
 
     Decodes only a short window (vLLM's prefix/read offsets) and holds back text that ends in an
-    incomplete UTF-8 sequence (``\\ufffd``) until the next token completes it.
+    incomplete UTF-8 sequence (``\\ufffd``) until the next token completes it. A fast tokenizer whose
+    ``decode`` adds nothing to its Rust backend's steps through ``tokenizers``' own ``DecodeStream``:
+    one native call per token instead of two Python-wrapped decodes.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
@@ -51,11 +56,17 @@ class IncrementalDetokenizer:
         self.tokens: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        backend = getattr(tokenizer, "_tokenizer", None)
+        native = isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._backend = backend if native else None
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens) if native else None
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, new_tokens: list[int]) -> str:
+        if self._stream is not None:
+            return self._add_native(new_tokens)
         self.tokens.extend(new_tokens)
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         text = self._decode(self.tokens[self.prefix_offset :])
@@ -65,8 +76,21 @@ class IncrementalDetokenizer:
             return text[len(prefix) :]
         return ""
 
+    def _add_native(self, new_tokens: list[int]) -> str:
+        pieces = []
+        for token in new_tokens:
+            self.tokens.append(token)
+            piece = self._stream.step(self._backend, token)
+            if piece:  # None while the token does not complete a character yet
+                pieces.append(piece)
+                self.prefix_offset = self.read_offset
+                self.read_offset = len(self.tokens)
+        return "".join(pieces)
+
     def flush(self) -> str:
         """Whatever was held back, at the end of the generation."""
+        if self.read_offset == len(self.tokens):
+            return ""
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         text = self._decode(self.tokens[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.tokens)
