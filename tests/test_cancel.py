@@ -62,19 +62,20 @@ async def test_a_cancel_frame_stops_one_request_and_reports_exact_usage(chat_mod
     await communicator.connect()
     await communicator.send_json_to({"type": "chat", "id": 1, **chat_body(**LONG)})
     await communicator.send_json_to({"type": "chat", "id": 2, **chat_body(max_tokens=5)})
-    frames = []
-    while True:
-        frame = await communicator.receive_json_from(10)
-        frames.append(frame)
-        if frame["type"] == "delta" and frame["id"] == 1:
-            break
-    await communicator.send_json_to({"type": "cancel", "id": 1})
-    done = {}
-    while len(done) < 2:
+    frames, done = [], {}
+
+    async def receive() -> dict:
         frame = await communicator.receive_json_from(10)
         frames.append(frame)
         if frame["type"] == "done":
-            done[frame["id"]] = frame
+            done[frame["id"]] = frame  # request 2 may well finish before request 1 shows its first text
+        return frame
+
+    while not ((frame := await receive())["type"] == "delta" and frame["id"] == 1):
+        pass
+    await communicator.send_json_to({"type": "cancel", "id": 1})
+    while len(done) < 2:
+        await receive()
     assert done[1]["finish_reason"] == "cancelled"
     streamed = sum(f.get("tokens", 0) for f in frames if f["type"] == "delta" and f["id"] == 1)
     assert 0 < done[1]["usage"]["completion_tokens"] < LONG["max_tokens"]

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Interleaved A/B on a noisy machine: every server is started first and kept up, then each round runs the
+# same SSE load on each in turn, so that machine noise lands on all of them alike. Prints per-server medians.
+#
+# Usage: bench/ab.sh OUT_DIR ROUNDS SPEC [SPEC...]
+#   SPEC is "DIR|ENV": a checkout (e.g. a `git worktree` of the commit to compare) and environment
+#   assignments for its server (TRIPOD_ENGINE defaults to hf-cb), or "PEER|" for `transformers serve
+#   --continuous-batching` on the same tiny model. C (16) and N (48) set concurrency and requests.
+# Example: git worktree add /tmp/base HEAD~1 && bench/ab.sh var/ab 5 "/tmp/base|" ".|" "PEER|"
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:?usage: bench/ab.sh OUT_DIR ROUNDS SPEC...}; ROUNDS=${2:?rounds}; shift 2
+mkdir -p "$OUT"
+PY=${PYTHON:-$HERE/.venv/bin/python}
+TINY=$(cd "$HERE" && "$PY" -c "from pathlib import Path; from tripod.engines.tiny import ensure_tiny_model; print(ensure_tiny_model(Path.home() / '.cache' / 'tripod'))")
+LOAD=(--transport sse --prompt-len 128 --output-len 128 --no-progress --tokenizer "$TINY")
+export TRIPOD_LOG_LEVEL=WARNING HF_HUB_OFFLINE=1
+pids=(); ports=(); declare -A peer; i=0
+for spec in "$@"; do
+    dir=${spec%%|*}; envs=${spec#*|}; port=$((8720 + i))
+    if [ "$dir" = PEER ]; then
+        (cd "$HERE" && exec "$PY" -m transformers.cli.transformers serve "$TINY" --device cpu --port $port \
+            --continuous-batching --cb-num-blocks 512 --cb-max-batch-tokens 1024) >"$OUT/server$i.log" 2>&1 &
+        peer[$i]=1
+    else
+        db=$(mktemp -d)/db.sqlite3
+        (cd "$dir" && TRIPOD_DB_PATH=$db "$PY" manage.py migrate --noinput -v 0 &&
+            exec env $envs TRIPOD_DB_PATH="$db" TRIPOD_ENGINE="${TRIPOD_ENGINE:-hf-cb}" TRIPOD_SLOTS=64 \
+            "$PY" -m daphne -b 127.0.0.1 -p $port --access-log /dev/null tripod.asgi:application) >"$OUT/server$i.log" 2>&1 &
+    fi
+    pids+=($!); ports+=($port); i=$((i + 1))
+done
+trap 'kill "${pids[@]}" 2>/dev/null' EXIT
+extra() { if [ -n "${peer[$1]:-}" ]; then echo "--model $TINY --no-ignore-eos"; fi; }
+for j in "${!ports[@]}"; do
+    path=readyz; [ -n "${peer[$j]:-}" ] && path=health
+    for _ in $(seq 240); do curl -sf "http://127.0.0.1:${ports[$j]}/$path" >/dev/null && break; sleep 0.5; done
+    (cd "$HERE" && "$PY" -m tripod.bench --url "http://127.0.0.1:${ports[$j]}" --concurrency 16 --num-requests 32 \
+        "${LOAD[@]}" $(extra $j) >/dev/null)  # warm-up, not counted
+done
+for r in $(seq "$ROUNDS"); do
+    for j in "${!ports[@]}"; do
+        (cd "$HERE" && "$PY" -m tripod.bench --url "http://127.0.0.1:${ports[$j]}" --concurrency "${C:-16}" \
+            --num-requests "${N:-48}" "${LOAD[@]}" --out "$OUT/s$j-r$r.json" $(extra $j) >/dev/null)
+    done
+done
+"$PY" - "$OUT" "$@" <<'PY'
+import glob, json, statistics, sys
+
+out, specs = sys.argv[1], sys.argv[2:]
+for j, spec in enumerate(specs):
+    runs = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/s{j}-r*.json"))]
+    tput = [r["output_throughput"] for r in runs]
+    ttft = [r["median_ttft_ms"] for r in runs]
+    print(
+        f"{spec or '.'}: tok/s median {statistics.median(tput):.0f} {[round(x) for x in tput]}, "
+        f"median TTFT {statistics.median(ttft):.0f} ms, failed {sum(r['failed'] for r in runs)}"
+    )
+PY
