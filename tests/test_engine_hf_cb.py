@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from contextlib import aclosing
 
 import pytest
 
@@ -184,3 +186,43 @@ def test_torch_leaves_a_core_to_the_server_unless_omp_num_threads_says(monkeypat
 def test_the_batching_loop_never_keeps_a_process_alive(cb_model):
     # A non-daemon loop thread made `python -m tripod.bench --direct --engine hf-cb` (and daphne) hang at exit.
     assert cb_model.manager._generation_thread.daemon
+
+
+def test_pushed_streams_equal_pulled_ones_and_wake_the_loop_once_per_step(cb_model):
+    """Streams read on an event loop get each batch step's output in one wake-up of that loop, not one per stream."""
+    prompts = [[{"role": "user", "content": f"Tell me about river number {i}."}] for i in range(6)]
+    pulled = [
+        "".join(d.text for d in cb_model.stream(p, max_tokens=20 + i, temperature=0)) for i, p in enumerate(prompts)
+    ]
+    steps_before = cb_model.manager.current_batch
+
+    async def read_all() -> tuple[list[str], int, list]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        schedule = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            nonlocal wakeups
+            wakeups += 1
+            return schedule(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting
+
+        async def read(stream) -> str:
+            async with aclosing(stream.deltas_async()) as deltas:
+                return "".join([delta.text async for delta in deltas])
+
+        try:
+            streams = [cb_model.stream(p, max_tokens=20 + i, temperature=0) for i, p in enumerate(prompts)]
+            texts = await asyncio.gather(*(read(stream) for stream in streams))
+        finally:
+            del loop.call_soon_threadsafe
+        return texts, wakeups, streams
+
+    texts, wakeups, streams = asyncio.run(read_all())
+    assert texts == pulled
+    assert [s.finish_reason for s in streams] == ["length"] * 6
+    assert [s.completion_tokens for s in streams] == [20 + i for i in range(6)]
+    steps = cb_model.manager.current_batch - steps_before
+    assert steps >= 25  # the longest stream's 25 tokens, and its prefill
+    assert wakeups <= steps + 2, f"{wakeups} loop wake-ups for {steps} steps of 6 streams"

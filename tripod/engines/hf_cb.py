@@ -180,9 +180,9 @@ class StepDispatch:
         for loop, outputs in collected.items():
             try:
                 loop.call_soon_threadsafe(_deliver_on_loop, outputs)
-            except RuntimeError:  # that loop is closed: its readers are gone
+            except RuntimeError:  # that loop is closed: its readers are gone, free their places in the batch
                 for generation, _ in outputs:
-                    generation.cancel_event.set()
+                    generation.cancel()
 
 
 def _deliver_on_loop(outputs: list[tuple[CBGeneration, Any]]) -> None:
