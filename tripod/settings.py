@@ -41,12 +41,13 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "tripod.logs.RequestIDMiddleware",
-    "django.middleware.security.SecurityMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    # Django's own, run on the event loop instead of a thread per hook (see tripod/middleware.py).
+    "tripod.middleware.SecurityMiddleware",
+    "tripod.middleware.SessionMiddleware",
+    "tripod.middleware.CommonMiddleware",
+    "tripod.middleware.CsrfViewMiddleware",
+    "tripod.middleware.AuthenticationMiddleware",
+    "tripod.middleware.MessageMiddleware",
 ]
 
 ROOT_URLCONF = "tripod.urls"
