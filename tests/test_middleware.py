@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import httpx
@@ -34,11 +33,14 @@ async def test_api_requests_make_no_middleware_thread_hops(monkeypatch):
     assert hops == []
 
 
-def test_the_admin_login_keeps_its_csrf_check_and_session_over_asgi():
+def test_the_admin_login_keeps_its_csrf_check_and_session_over_asgi(monkeypatch):
     server = LiveServer()
     try:
         server.wait_ready()
-        created = _create_superuser(server.db_path)
+        monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "s3cret-pass")  # read by createsuperuser --noinput
+        created = manage(
+            server.db_path, "createsuperuser", "--noinput", "--username", "root", "--email", "root@example.com"
+        )
         assert created.returncode == 0, created.stderr
         with httpx.Client(base_url=server.url, timeout=30) as client:
             page = client.get("/admin/login/")
@@ -57,11 +59,3 @@ def test_the_admin_login_keeps_its_csrf_check_and_session_over_asgi():
             assert home.status_code == 200 and "Site administration" in home.text
     finally:
         server.stop()
-
-
-def _create_superuser(db_path: str):
-    os.environ["DJANGO_SUPERUSER_PASSWORD"] = "s3cret-pass"
-    try:
-        return manage(db_path, "createsuperuser", "--noinput", "--username", "root", "--email", "root@example.com")
-    finally:
-        del os.environ["DJANGO_SUPERUSER_PASSWORD"]
