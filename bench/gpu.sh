@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU benchmark: the server with a random-weight Llama-3.2-1B-shaped model (bf16, no download), 1, 16 and 64
 # concurrent SSE streams of 128-token prompts and 128 output tokens, for the hf and hf-cb engines.
+# Then the same load on hf-cb in-process (--direct, DIRECT_CONCURRENCY), for the server-overhead ratio.
 # Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus server logs; about 6 minutes)
-# Override MODEL=random:path.json or CONCURRENCY="1 16 64" to change the load; PYTHON picks the interpreter.
+# Override MODEL=random:path.json, CONCURRENCY="1 16 64" or DIRECT_CONCURRENCY="1 64" ("" skips it) to change
+# the load; PYTHON picks the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu.sh OUT_DIR}
@@ -10,10 +12,25 @@ mkdir -p "$OUT"
 PYTHON=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
+DIRECT_CONCURRENCY=${DIRECT_CONCURRENCY-"1 64"}
 PORT=${PORT:-8765}
 export HF_HUB_OFFLINE=1 TRIPOD_MODEL="$MODEL" TRIPOD_SLOTS=64 TRIPOD_LOG_LEVEL=WARNING
 export TRIPOD_DB_PATH="$OUT/db.sqlite3"
 "$PYTHON" manage.py migrate --noinput -v 0
+
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+
+bench() {  # name concurrency budget [extra args]: one run, its JSON in OUT/name-cC.json, a summary line
+    local name=$1 c=$2 budget=$3; shift 3
+    # One wave for the slow engine, several for the batching one; each run has a time budget.
+    [ "$name" = "hf" ] && n=$c || n=$(( c < 8 ? 8 : 4 * c ))
+    timeout "$budget" "$PYTHON" -m tripod.bench --transport sse --concurrency "$c" --num-requests "$n" \
+        --prompt-len 128 --output-len 128 --warmup 2 --no-progress --label "$name c=$c $gpu_name" \
+        --out "$OUT/$name-c$c.json" "$@" >/dev/null \
+        || echo "{\"name\": \"$name\", \"concurrency\": $c, \"error\": \"failed or timed out after ${budget}s\"}" \
+            >"$OUT/$name-c$c.json"
+    echo "$name c=$c: $("$PYTHON" -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('output_throughput', 'median_ttft_ms', 'median_itl_ms', 'error')})" "$OUT/$name-c$c.json")"
+}
 
 run_engine() {
     local engine=$1 budget=$2
@@ -23,20 +40,12 @@ run_engine() {
         curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break
         sleep 1
     done
-    for c in $CONCURRENCY; do
-        # One wave for the slow engine, several for the batching one; each run has a time budget.
-        [ "$engine" = "hf" ] && n=$c || n=$(( c < 8 ? 8 : 4 * c ))
-        timeout "$budget" "$PYTHON" -m tripod.bench --url "http://127.0.0.1:$PORT" --transport sse \
-            --concurrency "$c" --num-requests "$n" --prompt-len 128 --output-len 128 --warmup 2 --no-progress \
-            --label "$engine c=$c $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" \
-            --out "$OUT/$engine-c$c.json" >/dev/null \
-            || echo "{\"engine\": \"$engine\", \"concurrency\": $c, \"error\": \"timed out after ${budget}s\"}" >"$OUT/$engine-c$c.json"
-        echo "$engine c=$c: $("$PYTHON" -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('output_throughput', 'median_ttft_ms', 'median_itl_ms', 'error')})" "$OUT/$engine-c$c.json")"
-    done
+    for c in $CONCURRENCY; do bench "$engine" "$c" "$budget" --url "http://127.0.0.1:$PORT"; done
     kill "$pid"; wait "$pid" 2>/dev/null
 }
 
 start=$(date +%s)
 run_engine hf-cb 60
+for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf-cb --slots 64; done
 run_engine hf 90
 echo "done in $(( $(date +%s) - start )) s; results in $OUT"
