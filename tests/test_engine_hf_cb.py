@@ -226,3 +226,19 @@ def test_pushed_streams_equal_pulled_ones_and_wake_the_loop_once_per_step(cb_mod
     steps = cb_model.manager.current_batch - steps_before
     assert steps >= 25  # the longest stream's 25 tokens, and its prefill
     assert wakeups <= steps + 2, f"{wakeups} loop wake-ups for {steps} steps of 6 streams"
+
+
+def test_kv_padding_reaches_the_batching_config(chat_model):
+    """``TRIPOD_CB_KV_PADDING`` is handed to transformers; 0 keeps transformers' own default."""
+    padded = ChatModel(engine="hf-cb", model_name="tiny", path=chat_model.tokenizer.name_or_path, cb_kv_padding=1024)
+    padded.load()
+    try:
+        assert padded.manager.continuous_batching_config.kv_padding_interval_size == 1024
+        assert padded.generate(MESSAGES, max_tokens=4, temperature=0)["usage"]["completion_tokens"] == 4
+    finally:
+        padded.manager.stop(block=True)
+
+
+def test_default_kv_padding_is_transformers_own(cb_model):
+    assert cb_model.cb_kv_padding == 0
+    assert cb_model.manager.continuous_batching_config.kv_padding_interval_size == 16384

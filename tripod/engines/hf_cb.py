@@ -354,6 +354,7 @@ class HFContinuousBatchingModel(HFChatModel):
         self.cb_num_blocks = options.get("cb_num_blocks") or None
         self.cb_max_batch_tokens = options.get("cb_max_batch_tokens") or None
         self.cb_cuda_graph = options.get("cb_cuda_graph", "auto")
+        self.cb_kv_padding = int(options.get("cb_kv_padding") or 0)
         self.dispatch = StepDispatch()
 
     def load(self) -> None:
@@ -396,6 +397,9 @@ class HFContinuousBatchingModel(HFChatModel):
             num_blocks=self.cb_num_blocks,
             max_batch_tokens=self.cb_max_batch_tokens,
             use_cuda_graph=use_graph,
+            # With graphs, each step's attention reads the batch's KV tokens padded up to this (transformers'
+            # default, 0, is 16384): one short stream reads 64 times what it holds (docs/BENCHMARKS.md, GPU).
+            kv_padding_interval_size=self.cb_kv_padding,
             max_memory_percent=0.8,  # our processors make vocabulary-sized temporaries
             per_request_processors=False,
         )
@@ -420,11 +424,12 @@ class HFContinuousBatchingModel(HFChatModel):
         starter.join()
         self.manager = manager
         logger.info(
-            "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s torch_threads=%d",
+            "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s kv_padding=%s torch_threads=%d",
             self.device,
             self.cb_num_blocks,
             self.cb_max_batch_tokens,
             use_graph,
+            resolved.kv_padding_interval_size,
             threads,
         )
 
