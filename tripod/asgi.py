@@ -11,5 +11,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from routing import application  # noqa: E402
+from tripod.conf import config  # noqa: E402
+
+if config().eager_writes:
+    from tripod.eager_writes import install
+
+    install()
 
 __all__ = ["application"]
