@@ -10,11 +10,10 @@ import json
 import logging
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from consumers.jobs import GenerationJob
-from tripod.auth import authenticate, websocket_token
+from tripod.auth import authenticate_async, websocket_token
 from tripod.conf import config
 from tripod.errors import APIError, EngineFailure, InvalidRequest
 from tripod.logs import REQUEST_ID, clean_request_id
@@ -33,7 +32,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         subprotocols = self.scope.get("subprotocols") or []
         token = websocket_token(dict(self.scope.get("headers") or []), subprotocols)
         try:
-            self.principal = await sync_to_async(authenticate)(token)
+            self.principal = await authenticate_async(token)
         except APIError:
             await self.close()  # refuses the handshake (HTTP 403); the key is never echoed
             return

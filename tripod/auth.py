@@ -14,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication
@@ -94,11 +95,17 @@ def _fresh(stamp: float) -> bool:
     return time.monotonic() - stamp < config().auth_cache_seconds
 
 
-def _stored_keys_exist() -> bool:
+class _NeedsDatabase(Exception):
+    """The caches cannot answer: the database must be asked."""
+
+
+def _stored_keys_exist(cached_only: bool = False) -> bool:
     from tripod.models import APIKey
 
     stamp, exist = _cache.keys_exist
     if not _fresh(stamp):
+        if cached_only:
+            raise _NeedsDatabase
         try:
             exist = APIKey.objects.filter(revoked_at__isnull=True).exists()
         except DatabaseError:
@@ -109,18 +116,20 @@ def _stored_keys_exist() -> bool:
     return exist
 
 
-def auth_required() -> bool:
+def auth_required(cached_only: bool = False) -> bool:
     """Whether any key is configured (the ``API_KEY`` setting or an active stored key)."""
-    return bool(config().api_key) or _stored_keys_exist()
+    return bool(config().api_key) or _stored_keys_exist(cached_only)
 
 
-def _lookup(key: str) -> Principal | None:
+def _lookup(key: str, cached_only: bool = False) -> Principal | None:
     from tripod.models import APIKey
 
     digest = hash_key(key)
     cached = _cache.entries.get(digest)
     if cached is not None and _fresh(cached[0]):
         return cached[1]
+    if cached_only:
+        raise _NeedsDatabase
     row = APIKey.objects.filter(hashed_key=digest, revoked_at__isnull=True).first()
     principal = None
     if row is not None:
@@ -131,10 +140,13 @@ def _lookup(key: str) -> Principal | None:
     return principal
 
 
-def authenticate(token: str | None) -> Principal:
-    """The caller for a bearer token; raises ``InvalidAPIKey`` (401) when keys are required and it fails."""
+def authenticate(token: str | None, *, cached_only: bool = False) -> Principal:
+    """The caller for a bearer token; raises ``InvalidAPIKey`` (401) when keys are required and it fails.
+
+    ``cached_only``: answer from the settings and the lookup cache, or raise ``_NeedsDatabase``.
+    """
     cfg = config()
-    if not auth_required():
+    if not auth_required(cached_only):
         return OPEN
     if not token:
         raise InvalidAPIKey(
@@ -143,10 +155,18 @@ def authenticate(token: str | None) -> Principal:
         )
     if cfg.api_key and hmac.compare_digest(token.encode(), cfg.api_key.encode()):
         return Principal(name="API_KEY", rpm=cfg.api_key_rpm, tpm=cfg.api_key_tpm, max_streams=cfg.api_key_max_streams)
-    principal = _lookup(token) if token.startswith(KEY_PREFIX) else None
+    principal = _lookup(token, cached_only) if token.startswith(KEY_PREFIX) else None
     if principal is None:
         raise InvalidAPIKey("Incorrect API key provided.")
     return principal
+
+
+async def authenticate_async(token: str | None) -> Principal:
+    """``authenticate`` for the event loop: from the caches when they answer, else in a worker thread."""
+    try:
+        return authenticate(token, cached_only=True)
+    except _NeedsDatabase:
+        return await sync_to_async(authenticate, thread_sensitive=False)(token)
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -189,6 +209,11 @@ class BearerKeyAuthentication(BaseAuthentication):
     def authenticate(self, request) -> tuple[Principal, str | None]:
         token = bearer_token(request.META.get("HTTP_AUTHORIZATION"))
         return authenticate(token), token
+
+    async def authenticate_async(self, request) -> tuple[Principal, str | None]:
+        """For :class:`tripod.api.asyncview.AsyncAPIView`: no thread unless the database must be asked."""
+        token = bearer_token(request.META.get("HTTP_AUTHORIZATION"))
+        return await authenticate_async(token), token
 
     def authenticate_header(self, request) -> str:
         return 'Bearer realm="tripod"'

@@ -1,5 +1,5 @@
-"""OpenAI-compatible endpoints. Non-streaming answers come from these DRF views; ``stream: true``
-answers with the SSE response of :mod:`consumers.sse`, whose body runs on the event loop."""
+"""OpenAI-compatible endpoints: DRF views. The ones that reach the worker are async (``AsyncAPIView``) and
+never leave the event loop; ``stream: true`` answers with the SSE response of :mod:`consumers.sse`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from consumers import resumable, sse
 from consumers.jobs import GenerationJob, served_models
 from tripod import metrics, readiness, streams, usage
 from tripod.api import schema
+from tripod.api.asyncview import AsyncAPIView
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest, ModelNotFound
 from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request
@@ -52,13 +53,13 @@ async def _start(job: GenerationJob) -> None:
         raise
 
 
-class GenerationView(APIView):
+class GenerationView(AsyncAPIView):
     """Shared by chat and text completions: validate, submit, answer in one piece or as SSE."""
 
     def parse(self, data) -> GenerationRequest:
         raise NotImplementedError
 
-    def post(self, request: Request) -> Response:
+    async def post(self, request: Request) -> Response:
         _content_length(request)
         if request.stream is None:
             # DRF skips the parser for an empty body and hands back an empty dict.
@@ -71,9 +72,9 @@ class GenerationView(APIView):
             request_id=getattr(request, "request_id", None),
         )
         if generation.stream:
-            async_to_sync(_start)(job)
+            await _start(job)
             return sse.streaming_response(job)
-        return Response(async_to_sync(_complete)(job))
+        return Response(await _complete(job))
 
 
 @extend_schema_view(
@@ -106,11 +107,6 @@ class CompletionsView(GenerationView):
         return parse_completion_request(data)
 
 
-async def _begin_stream(job: GenerationJob) -> dict:
-    await _start(job)
-    return await resumable.begin(job)
-
-
 @extend_schema_view(
     post=extend_schema(
         summary="Start a resumable stream",
@@ -126,10 +122,10 @@ async def _begin_stream(job: GenerationJob) -> dict:
         },
     )
 )
-class StreamCreateView(APIView):
+class StreamCreateView(AsyncAPIView):
     """``POST /v1/streams``: a chat completion whose frames are kept for readers that come and go."""
 
-    def post(self, request: Request) -> Response:
+    async def post(self, request: Request) -> Response:
         _content_length(request)
         if request.stream is None:
             raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
@@ -137,7 +133,8 @@ class StreamCreateView(APIView):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
         generation = parse_chat_request({**request.data, "stream": True}, max_messages=config().max_messages)
         job = GenerationJob(generation, request.user, transport="sse", request_id=getattr(request, "request_id", None))
-        return Response(async_to_sync(_begin_stream)(job), status=201)
+        await _start(job)
+        return Response(await resumable.begin(job), status=201)
 
 
 def _resume_after(request: Request) -> int:
@@ -224,11 +221,11 @@ def _model_card(name: str) -> dict:
         summary="List models", operation_id="listModels", responses=schema.plain_responses(schema.MODEL_LIST, 401)
     )
 )
-class ModelListView(APIView):
+class ModelListView(AsyncAPIView):
     """``GET /v1/models``: the models a request can name now (scaled: those with a live worker)."""
 
-    def get(self, request: Request) -> Response:
-        models = async_to_sync(served_models)()
+    async def get(self, request: Request) -> Response:
+        models = await served_models()
         return Response({"object": "list", "data": [_model_card(name) for name in models]})
 
 
@@ -239,11 +236,11 @@ class ModelListView(APIView):
         responses=schema.plain_responses(schema.MODEL, 401, 404),
     )
 )
-class ModelDetailView(APIView):
+class ModelDetailView(AsyncAPIView):
     """``GET /v1/models/<id>``."""
 
-    def get(self, request: Request, model: str) -> Response:
-        if model not in async_to_sync(served_models)():
+    async def get(self, request: Request, model: str) -> Response:
+        if model not in await served_models():
             raise ModelNotFound(model)
         return Response(_model_card(model))
 
