@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Interleaved A/B on a noisy machine: every server is started first and kept up, then each round runs the
-# same SSE load on each in turn, so that machine noise lands on all of them alike. Prints per-server medians.
+# same SSE load on each in turn, so that machine noise lands on all of them alike. Prints per-server medians,
+# including the CPU time of each server's main thread (its event loop) per streamed token: under load the loop
+# holds the GIL that the engine's batching thread needs, and this figure is steadier than throughput here.
 #
 # Usage: bench/ab.sh OUT_DIR ROUNDS SPEC [SPEC...]
 #   SPEC is "DIR|ENV": a checkout (e.g. a `git worktree` of the commit to compare) and environment
@@ -38,22 +40,31 @@ for j in "${!ports[@]}"; do
     (cd "$HERE" && "$PY" -m tripod.bench --url "http://127.0.0.1:${ports[$j]}" --concurrency 16 --num-requests 32 \
         "${LOAD[@]}" $(extra $j) >/dev/null)  # warm-up, not counted
 done
+loop_ticks() { awk '{print $14 + $15}' "/proc/$1/task/$1/stat"; }  # user + system clock ticks of the main thread
 for r in $(seq "$ROUNDS"); do
     for j in "${!ports[@]}"; do
+        before=$(loop_ticks "${pids[$j]}")
         (cd "$HERE" && "$PY" -m tripod.bench --url "http://127.0.0.1:${ports[$j]}" --concurrency "${C:-16}" \
             --num-requests "${N:-48}" "${LOAD[@]}" --out "$OUT/s$j-r$r.json" $(extra $j) >/dev/null)
+        echo $(( $(loop_ticks "${pids[$j]}") - before )) >"$OUT/s$j-r$r.ticks"
     done
 done
-"$PY" - "$OUT" "$@" <<'PY'
+"$PY" - "$OUT" "$(getconf CLK_TCK)" "$@" <<'PY'
 import glob, json, statistics, sys
 
-out, specs = sys.argv[1], sys.argv[2:]
+out, hz, specs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 for j, spec in enumerate(specs):
-    runs = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/s{j}-r*.json"))]
+    files = sorted(glob.glob(f"{out}/s{j}-r*.json"))
+    runs = [json.load(open(f)) for f in files]
     tput = [r["output_throughput"] for r in runs]
     ttft = [r["median_ttft_ms"] for r in runs]
+    loop = [
+        1000 * int(open(f[: -len(".json")] + ".ticks").read()) / hz / max(r["total_output_tokens"], 1)
+        for f, r in zip(files, runs)
+    ]
     print(
         f"{spec or '.'}: tok/s median {statistics.median(tput):.0f} {[round(x) for x in tput]}, "
-        f"median TTFT {statistics.median(ttft):.0f} ms, failed {sum(r['failed'] for r in runs)}"
+        f"median TTFT {statistics.median(ttft):.0f} ms, loop CPU {statistics.median(loop):.3f} ms/token "
+        f"{[round(x, 3) for x in loop]}, failed {sum(r['failed'] for r in runs)}"
     )
 PY
