@@ -111,7 +111,7 @@ else:
     # Embedded default: one process, in-memory channel layer, the worker inline.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "BACKEND": "tripod.layers.LocalChannelLayer",  # channels' in-memory layer, lighter per message
             # The inline worker joins the workers group once: keep it there for as long as the process lives.
             "CONFIG": {"capacity": 1000, "expiry": int(QUEUE_TIMEOUT) + 60, "group_expiry": 10 * 365 * 86400},
         }

@@ -1,0 +1,61 @@
+"""The embedded mode's channel layer: channels' ``InMemoryChannelLayer`` without its per-message overheads.
+
+Every ``receive`` of the stock layer sweeps all channels and groups for expired entries, and every send
+and receive builds an ``asyncio.Queue`` that ``setdefault`` then throws away; a queue emptied by a
+receive is dropped, so the next message builds another. A streamed token is one message, so at 64
+streams the sweep ran 64 times per engine step over 64 channels, on the event loop whose GIL the
+batching thread needs between steps.
+
+Here the sweep runs at most once a second (messages expire after a minute or more), and a channel keeps
+its queue while it is in use; the sweep drops the queues that are empty and that nobody waits on.
+Messages are still copied on send, so that sender and receiver never share a dict, as on any layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from copy import deepcopy
+
+from channels.exceptions import ChannelFull
+from channels.layers import InMemoryChannelLayer
+
+
+class LocalChannelLayer(InMemoryChannelLayer):
+    """``InMemoryChannelLayer`` with the expiry sweep on a timer and one queue per live channel."""
+
+    sweep_interval = 1.0  # seconds
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._next_sweep = 0.0
+
+    def _queue(self, channel: str) -> asyncio.Queue:
+        queue = self.channels.get(channel)
+        if queue is None:
+            queue = self.channels[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
+        return queue
+
+    async def send(self, channel: str, message: dict) -> None:
+        assert isinstance(message, dict), "message is not a dict"
+        self.require_valid_channel_name(channel)
+        assert "__asgi_channel__" not in message
+        try:
+            self._queue(channel).put_nowait((time.time() + self.expiry, deepcopy(message)))
+        except asyncio.QueueFull:
+            raise ChannelFull(channel) from None
+
+    async def receive(self, channel: str) -> dict:
+        self.require_valid_channel_name(channel)
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_interval
+            self._clean_expired()
+        _, message = await self._queue(channel).get()
+        return message
+
+    def _clean_expired(self) -> None:
+        super()._clean_expired()
+        for channel, queue in list(self.channels.items()):
+            if queue.empty() and not queue._getters:  # the stock layer reads asyncio.Queue's internals too
+                del self.channels[channel]
