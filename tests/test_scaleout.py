@@ -247,7 +247,10 @@ async def test_a_client_that_leaves_cancels_the_job_on_its_worker(cluster):
 
 
 async def test_200_concurrent_streams_on_one_web_process(cluster):
-    web = cluster.web()
+    # 200 requests queue for 32 slots: on two cores the last wave starts after more than the default 60 s that a
+    # request may wait for a worker, now that the web process submits all 200 at once (it once took seconds to
+    # give each request its thread).
+    web = cluster.web(TRIPOD_QUEUE_TIMEOUT="300")
     cluster.worker("--slots", "32").wait_serving()
     limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
 
