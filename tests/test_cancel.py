@@ -39,6 +39,17 @@ async def test_closing_an_sse_stream_cancels_the_generation(chat_model):
     assert_cancelled_promptly(chat_model, before)
 
 
+async def test_a_client_that_leaves_a_non_streamed_request_cancels_the_generation(chat_model):
+    """The generation views are async, so Django cancels them when the client hangs up, and the job closes."""
+    before = len(chat_model.history)
+    exchange = HTTPExchange(application, "/v1/chat/completions", chat_body(**LONG))
+    await exchange.communicator.send_input({"type": "http.request", "body": exchange.body, "more_body": False})
+    await wait_for(lambda: chat_model.active_generations == 1, message="the generation to start")
+    await exchange.disconnect()
+    await wait_for(lambda: chat_model.active_generations == 0, message="the engine to stop")
+    assert_cancelled_promptly(chat_model, before)
+
+
 async def test_closing_a_websocket_cancels_its_generations(chat_model):
     communicator = WebsocketCommunicator(application, "/ws/chat/")
     connected, _ = await communicator.connect()
