@@ -46,9 +46,9 @@ class AsyncAPIView(APIView):
             else:
                 self.initial(request, *args, **kwargs)  # the caller is known: nothing left here blocks
             method = request.method.lower()
-            handler = getattr(self, method, self.http_method_not_allowed)
-            if method not in self.http_method_names:
-                handler = self.http_method_not_allowed
+            handler = self.http_method_not_allowed
+            if method in self.http_method_names:
+                handler = getattr(self, method, self.http_method_not_allowed)
             response = handler(request, *args, **kwargs)
             if inspect.isawaitable(response):  # DRF's own options() is synchronous
                 response = await response
