@@ -17,6 +17,7 @@ from django.urls import path  # noqa: E402
 
 from consumers.websocket import ChatConsumer  # noqa: E402
 from tripod.auth import log_open_server  # noqa: E402
+from tripod.request_threads import ReusedRequestThreads  # noqa: E402
 
 
 class BrowserOriginValidator(OriginValidator):
@@ -33,7 +34,7 @@ websocket_urlpatterns = [
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": ReusedRequestThreads(django_asgi_app),
         "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns), settings.ALLOWED_HOSTS),
     }
 )

@@ -26,13 +26,12 @@ from tripod.metrics import RequestMetrics
 from tripod.protocol import GenerationRequest, SamplingParams
 from tripod.ratelimit import Lease, admit
 from tripod.registry import RegistryUnavailable, get_registry
+from tripod.request_threads import outlive_request
 from tripod.usage import record as record_usage
 
 logger = logging.getLogger(__name__)
 # After a client leaves, how long to wait for its worker's final usage report.
 DRAIN_SECONDS = 5.0
-# Background drains, kept referenced until they finish.
-_draining: set[asyncio.Task] = set()
 # One line per generation request: the access log of the API.
 request_log = logging.getLogger("tripod.requests")
 
@@ -345,9 +344,7 @@ class GenerationJob:
                 # background (the client is gone; nothing waits), so limits and usage count those tokens and
                 # no event is left behind in the channel layer.
                 self.finished = True
-                task = asyncio.create_task(self._drain_then_settle())
-                _draining.add(task)
-                task.add_done_callback(_draining.discard)
+                outlive_request(self._drain_then_settle(), self.request_id)
                 return
         self.finished = True
         self._drop_pending()

@@ -9,7 +9,6 @@ having no reader at all for ``TRIPOD_STREAM_READER_TIMEOUT`` seconds (nobody wou
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from tripod import events, streams
 from tripod.conf import config
 from tripod.errors import APIError, EngineFailure
 from tripod.registry import RegistryUnavailable
+from tripod.request_threads import outlive_request
 from tripod.responses import ChunkBuilder
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 RETRY_MS = 1000
 # How often a stream's generation checks that someone still reads it, and a reader says it is there.
 READER_CHECK_SECONDS = 1.0
-# Generations being copied into the store, kept referenced until they finish.
-_producers: set[asyncio.Task] = set()
 
 
 async def begin(job: GenerationJob) -> dict[str, Any]:
@@ -48,9 +46,7 @@ async def begin(job: GenerationJob) -> dict[str, Any]:
         raise APIError(
             f"The stream store (Redis) is unavailable: {exc}", code="stream_store_unavailable", status=503
         ) from None
-    task = asyncio.create_task(_produce(job, stream_id, store))
-    _producers.add(task)
-    task.add_done_callback(_producers.discard)
+    outlive_request(_produce(job, stream_id, store), job.request_id)
     expires_at = int(time.time() + cfg.stream_ttl)
     return {
         "id": stream_id,

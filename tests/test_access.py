@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -303,6 +304,24 @@ async def test_usage_counts_the_tokens_of_a_stream_the_client_left(secured):
             break
         await asyncio.sleep(0.1)
     assert data[0]["requests"] == 1 and 0 < data[0]["completion_tokens"] <= 50
+
+
+def test_usage_counts_a_resumable_stream_that_finishes_after_its_post(secured):
+    """The stream's generation outlives the POST that started it; its usage is recorded when it ends."""
+    server, _ = secured
+    key = create_key(server.db_path, "resumer")
+    body = chat_body(max_tokens=30, ignore_eos=True)
+    response = httpx.post(server.url + "/v1/streams", json=body, headers=headers(key), timeout=60)
+    assert response.status_code == 201, response.text
+    with httpx.stream("GET", server.url + response.json()["url"], timeout=60) as reader:
+        raw = "".join(reader.iter_text())
+    assert raw.rstrip().endswith("data: [DONE]")
+    for _ in range(100):
+        data = httpx.get(server.url + "/v1/usage", headers=headers(key)).json()["data"]
+        if data and data[0]["completion_tokens"]:
+            break
+        time.sleep(0.1)
+    assert data[0]["requests"] == 1 and data[0]["completion_tokens"] == 30
 
 
 def test_websocket_clients_without_an_origin_pass_and_foreign_pages_do_not():
