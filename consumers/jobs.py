@@ -140,6 +140,7 @@ class GenerationJob:
         self._settled = False
         self._closed = False
         self._pending: asyncio.Future | None = None
+        self._receive_is_cancel_safe = getattr(self.layer, "receive_is_cancel_safe", False)
 
     async def __aenter__(self) -> GenerationJob:
         return self
@@ -429,7 +430,17 @@ class GenerationJob:
             )
 
     async def _next_event(self, timeout: float) -> dict[str, Any] | None:
-        """The next event on the reply channel, or ``None`` after ``timeout`` (the receive stays pending)."""
+        """The next event on the reply channel, or ``None`` after ``timeout``.
+
+        A layer whose ``receive`` may be cancelled without losing a message (the embedded one) is awaited
+        directly: one wake-up per event. Any other keeps its receive pending across timeouts.
+        """
+        if self._receive_is_cancel_safe:
+            try:
+                async with asyncio.timeout(max(timeout, 0)):
+                    return await self.layer.receive(self.reply_channel)
+            except TimeoutError:
+                return None
         if self._pending is None:
             self._pending = asyncio.ensure_future(self.layer.receive(self.reply_channel))
         done, _ = await asyncio.wait({self._pending}, timeout=max(timeout, 0))

@@ -61,3 +61,19 @@ async def test_capacity_and_groups_work_as_in_channels():
     await layer.group_add("tripod.workers", "tripod.control.a")
     await layer.group_send("tripod.workers", {"type": "cancel"})
     assert await layer.receive("tripod.control.a") == {"type": "cancel"}
+
+
+async def test_a_receive_cancelled_after_its_message_arrived_leaves_the_message_for_the_next():
+    """What lets a reader await ``receive`` under a timeout (``receive_is_cancel_safe``)."""
+    layer = LocalChannelLayer()
+    assert layer.receive_is_cancel_safe
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01):
+            await layer.receive("reply.a")
+    receiving = asyncio.create_task(layer.receive("reply.a"))
+    await asyncio.sleep(0)  # the receive now waits on the queue
+    await layer.send("reply.a", {"type": "delta", "n": 1})
+    receiving.cancel()  # woken, but cancelled before it could run
+    with pytest.raises(asyncio.CancelledError):
+        await receiving
+    assert await layer.receive("reply.a") == {"type": "delta", "n": 1}

@@ -73,6 +73,33 @@ async def test_keepalive_comments_while_waiting_for_the_first_token(slow_prefill
 
 
 @pytest.fixture
+def silent_worker(chat_model, settings):
+    """Fault injection: the worker admits the request, then sends nothing for 1.5 s (a stalled prefill)."""
+    settings.TRIPOD = {**settings.TRIPOD, "SSE_KEEPALIVE": 0.1, "EVENT_TIMEOUT": 0.5}
+    calls = {"n": 0}
+
+    def hook(module, args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            threading.Event().wait(1.5)
+
+    handle = chat_model.model.model.layers[0].register_forward_pre_hook(hook)
+    yield
+    handle.remove()
+
+
+async def test_a_worker_that_goes_silent_ends_the_stream_with_worker_timeout(silent_worker):
+    exchange = HTTPExchange(application, "/v1/chat/completions", chat_body(max_tokens=3, stream=True))
+    assert await exchange.start() == 200
+    raw = (await exchange.read_all()).decode()
+    assert raw.count(": keep-alive\n\n") >= 2, raw[:200]
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "worker_timeout" and "sent nothing for 0.5 s" in error["message"]
+
+
+@pytest.fixture
 def failing_engine(chat_model):
     """Fault injection: the engine raises after its third decode step."""
     calls = {"n": 0}

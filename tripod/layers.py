@@ -25,6 +25,9 @@ class LocalChannelLayer(InMemoryChannelLayer):
     """``InMemoryChannelLayer`` with the expiry sweep on a timer and one queue per live channel."""
 
     sweep_interval = 1.0  # seconds
+    # A cancelled receive leaves its message in the queue (asyncio.Queue.get), so a reader may await it under a
+    # timeout instead of keeping a receive task pending.
+    receive_is_cancel_safe = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
