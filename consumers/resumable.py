@@ -24,7 +24,7 @@ from tripod.conf import config
 from tripod.errors import APIError, EngineFailure
 from tripod.registry import RegistryUnavailable
 from tripod.request_threads import outlive_request
-from tripod.responses import ChunkBuilder
+from tripod.responses import ChunkBuilder, compact_json
 
 logger = logging.getLogger(__name__)
 # How soon a browser's EventSource retries after a dropped connection (the SSE ``retry:`` field).
@@ -75,18 +75,18 @@ async def _produce(job: GenerationJob, stream_id: str, store: streams.StreamStor
             try:
                 async for delta in job.deltas(tick=READER_CHECK_SECONDS):
                     if delta is not None and delta.text:
-                        await put(streams.data(builder.delta(delta.text)))
+                        await put(builder.delta_json(delta.text))
                     if reader_timeout and time.monotonic() - checked_at >= READER_CHECK_SECONDS:
                         checked_at = time.monotonic()
                         if time.time() - await store.last_reader(stream_id) > reader_timeout:
                             # Nobody has read this stream for a while: stop spending the engine on it.
                             logger.info("stream %s: no reader for %g s, cancelling", stream_id, reader_timeout)
                             await job.cancel()
-                await put(streams.data(builder.finish("cancelled" if job.cancelled else job.finish_reason)))
+                await put(compact_json(builder.finish("cancelled" if job.cancelled else job.finish_reason)))
                 if request.include_usage:
-                    await put(streams.data(builder.usage(job.usage)))
+                    await put(compact_json(builder.usage(job.usage)))
             except APIError as error:
-                await put(streams.data(error.to_dict()))
+                await put(compact_json(error.to_dict()))
             await put(streams.DONE)
         except RegistryUnavailable as exc:
             # The store is gone: nobody can read what follows, so stop generating (closing the job does).

@@ -6,7 +6,6 @@ hangs up, Django cancels it (Django >= 5.0), and ``finally`` tells the worker to
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from asgiref.sync import async_to_sync
@@ -15,14 +14,16 @@ from django.http import StreamingHttpResponse
 from consumers.jobs import GenerationJob
 from tripod.conf import config
 from tripod.errors import APIError
-from tripod.responses import ChunkBuilder
+from tripod.responses import ChunkBuilder, compact_json
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
 
-def frame(payload: dict) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+def frame(payload: dict | str) -> bytes:
+    """One ``data:`` event: a chunk or error, or its JSON already rendered."""
+    data = payload if isinstance(payload, str) else compact_json(payload)
+    return b"data: " + data.encode() + b"\n\n"
 
 
 async def event_stream(job: GenerationJob) -> AsyncIterator[bytes]:
@@ -35,7 +36,7 @@ async def event_stream(job: GenerationJob) -> AsyncIterator[bytes]:
                 if delta is None:
                     yield KEEPALIVE
                 elif delta.text:
-                    yield frame(builder.delta(delta.text))
+                    yield frame(builder.delta_json(delta.text))
         except APIError as error:
             yield frame(error.to_dict())
             yield DONE

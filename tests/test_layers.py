@@ -77,3 +77,11 @@ async def test_a_receive_cancelled_after_its_message_arrived_leaves_the_message_
     with pytest.raises(asyncio.CancelledError):
         await receiving
     assert await layer.receive("reply.a") == {"type": "delta", "n": 1}
+
+
+async def test_invalid_channel_names_are_refused_on_send_and_receive():
+    layer = LocalChannelLayer()
+    with pytest.raises(TypeError):
+        await layer.send("no spaces allowed", {"type": "x"})
+    with pytest.raises(TypeError):
+        await layer.receive("no spaces allowed")

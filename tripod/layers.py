@@ -34,14 +34,15 @@ class LocalChannelLayer(InMemoryChannelLayer):
         self._next_sweep = 0.0
 
     def _queue(self, channel: str) -> asyncio.Queue:
+        """The channel's queue; a name is checked when its queue is made, not on every message."""
         queue = self.channels.get(channel)
         if queue is None:
+            self.require_valid_channel_name(channel)
             queue = self.channels[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
         return queue
 
     async def send(self, channel: str, message: dict) -> None:
         assert isinstance(message, dict), "message is not a dict"
-        self.require_valid_channel_name(channel)
         assert "__asgi_channel__" not in message
         try:
             self._queue(channel).put_nowait((time.time() + self.expiry, deepcopy(message)))
@@ -49,7 +50,6 @@ class LocalChannelLayer(InMemoryChannelLayer):
             raise ChannelFull(channel) from None
 
     async def receive(self, channel: str) -> dict:
-        self.require_valid_channel_name(channel)
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + self.sweep_interval

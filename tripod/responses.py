@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
+
+# Stands for a delta's text while the JSON around it is rendered (ChunkBuilder.delta_json).
+_TEXT_MARK = json.dumps("\x00tripod-delta-text\x00")
+
+
+def compact_json(payload: Any) -> str:
+    """The JSON of a chunk or error as streams carry it: no spaces."""
+    return json.dumps(payload, separators=(",", ":"))
 
 
 def new_id(kind: str) -> str:
@@ -60,6 +69,9 @@ class ChunkBuilder:
         self.id = new_id(kind)
         self.created = int(time.time())
         self._sent_role = False
+        # The delta chunk's JSON before and after its text, once a chunk without the role has been rendered.
+        self._around: tuple[str, str] | None = None
+        self._around_failed = False
 
     def _chunk(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -81,6 +93,24 @@ class ChunkBuilder:
                 self._sent_role = True
             return self._chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})
         return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": None})
+
+    def delta_json(self, text: str) -> str:
+        """``compact_json(self.delta(text))``, without building and encoding the whole chunk for every token.
+
+        After the first chunk (which carries the role) only the text changes, so the JSON around it is rendered
+        once, with a marker where the text goes, and each delta encodes just its text.
+        """
+        if self._around is None:
+            if self._around_failed or (self.kind == "chat" and not self._sent_role):
+                return compact_json(self.delta(text))
+            rendered = compact_json(self.delta(json.loads(_TEXT_MARK)))
+            if rendered.count(_TEXT_MARK) != 1:  # the marker also in the model name: render every chunk
+                self._around_failed = True
+                return compact_json(self.delta(text))
+            head, _, tail = rendered.partition(_TEXT_MARK)
+            self._around = (head, tail)
+        head, tail = self._around
+        return head + json.dumps(text) + tail
 
     def finish(self, finish_reason: str | None) -> dict[str, Any]:
         if self.kind == "chat":

@@ -15,12 +15,10 @@ cannot send headers.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 from django.core import signing
@@ -274,7 +272,3 @@ def get_store() -> StreamStore:
     if _redis is None or _redis.url != url:
         _redis = RedisStreamStore(url)
     return _redis
-
-
-def data(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"))
