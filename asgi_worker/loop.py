@@ -63,6 +63,8 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.control_channel: str | None = None
         self.running: dict[str, TokenStream] = {}
+        # The web process that reads each running job, where the job names one (scaled).
+        self._readers: dict[str, str] = {}
         self._cancelled: dict[str, float] = {}
         self._aborted: set[str] = set()
         self._free = asyncio.Semaphore(slots)
@@ -101,6 +103,7 @@ class Worker:
         if self.registry is not None:
             await self._model_instance()  # advertise only once the model can serve
             background.append(asyncio.create_task(self._heartbeat()))
+            background.append(asyncio.create_task(self._watch_readers()))
         self._metric_labels = {"model": self.model_name or self.job_channel, "worker": self.id}
         metrics.WORKER_SLOTS.labels(**self._metric_labels).set(self.slots)
         logger.info("worker %s serving %s with %d slots", self.id, self.job_channel, self.slots)
@@ -197,6 +200,32 @@ class Worker:
                 logger.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self.heartbeat_interval)
 
+    async def _watch_readers(self) -> None:
+        """Stop the jobs whose web process stopped beating: nobody can read them any more.
+
+        A web process must be missing at two checks in a row: a restarted Redis has forgotten every key
+        until the next beat.
+        """
+        missing: set[str] = set()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            webs = set(self._readers.values())
+            if not webs:
+                missing.clear()
+                continue
+            try:
+                gone = webs - await self.registry.live_webs(webs)
+            except RegistryUnavailable as exc:
+                logger.warning("could not check the web processes of running jobs: %s", exc)
+                continue
+            dead, missing = gone & missing, gone
+            for job_id, web in list(self._readers.items()):
+                stream = self.running.get(job_id)
+                if web in dead and stream is not None:
+                    logger.warning("job %s: its web process %s stopped beating; stopping the job", job_id, web)
+                    self._readers.pop(job_id, None)
+                    stream.cancel()
+
     async def _listen_control(self) -> None:
         while True:
             try:
@@ -272,6 +301,8 @@ class Worker:
         limits = {"max_prompt_tokens": job.get("max_prompt_tokens"), "max_tokens_cap": job.get("max_tokens_cap")}
         stream = await loop.run_in_executor(self._executor, partial(model.start, prompt, params, **limits))
         self.running[job_id] = stream
+        if job.get("web"):
+            self._readers[job_id] = str(job["web"])
         if self._cancelled.pop(job_id, None) is not None:
             stream.cancel()  # the client left while the job was loading or tokenizing
         metrics.WORKER_RUNNING.labels(**self._metric_labels).inc()
@@ -288,6 +319,7 @@ class Worker:
             await self._pump(job_id, reply, stream)
         finally:
             self.running.pop(job_id, None)
+            self._readers.pop(job_id, None)
             metrics.WORKER_RUNNING.labels(**self._metric_labels).dec()
             metrics.WORKER_GENERATION_TOKENS.labels(**self._metric_labels).inc(stream.completion_tokens)
             logger.info(

@@ -192,6 +192,10 @@ class GenerationJob:
             job["messages"] = self.request.messages
         else:
             job["prompt"] = self.request.prompt
+        registry = get_registry()
+        if registry is not None:
+            # Scaled: name this web process, so that its workers stop the job if the process dies.
+            job["web"] = await registry.ensure_web_heartbeat(cfg.heartbeat_interval)
         self.metrics = RequestMetrics(self.model, self.transport)
         self.metrics.waiting()
         try:

@@ -246,6 +246,27 @@ async def test_a_client_that_leaves_cancels_the_job_on_its_worker(cluster):
     print(f"\nremote cancel: worker stopped {took:.2f} s after the client left, at {tokens} tokens")
 
 
+async def test_a_web_process_killed_mid_stream_has_its_jobs_stopped_by_the_worker(cluster):
+    beats = {"TRIPOD_HEARTBEAT_INTERVAL": "0.25", "TRIPOD_WORKER_TTL": "1"}
+    web = cluster.web(**beats)
+    worker = cluster.worker("--slots", "1", **beats).wait_serving()
+    first_delta = asyncio.Event()
+    body = chat_body(max_tokens=1900, ignore_eos=True)
+    client = asyncio.create_task(stream_chat(web.url, body, first_delta.set))
+    await asyncio.wait_for(first_delta.wait(), 30)
+    web.process.kill()  # SIGKILL: the web process cannot cancel anything; only its heartbeat stops
+    killed_at = time.monotonic()
+    with pytest.raises(httpx.HTTPError):
+        await client
+    await wait_until(lambda: worker.finished_jobs(), timeout=20)
+    took = time.monotonic() - killed_at
+    line = worker.finished_jobs()[0]
+    assert "finish_reason=cancelled" in line and "stopped beating" in worker.output()
+    tokens = int(re.search(r"completion_tokens=(\d+)", line).group(1))
+    assert tokens < 1900
+    print(f"\ndead web process: its worker stopped the job {took:.2f} s after the kill, at {tokens} tokens")
+
+
 async def test_200_concurrent_streams_on_one_web_process(cluster):
     # 200 requests queue for 32 slots: on two cores the last wave starts after more than the default 60 s that a
     # request may wait for a worker, now that the web process submits all 200 at once (it once took seconds to
@@ -267,3 +288,42 @@ async def test_200_concurrent_streams_on_one_web_process(cluster):
     failed = [r for r in results if r["status"] != 200 or r["last"] != "[DONE]" or r["errors"]]
     assert not failed, failed[:3]
     assert "ChannelFull" not in web.output()
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Registry:
+    """Stands in for Redis's answers about web processes: ``answers`` in turn, then the last one again."""
+
+    def __init__(self, *answers: set[str]) -> None:
+        self.answers = list(answers)
+
+    async def live_webs(self, web_ids: set[str]) -> set[str]:
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+@pytest.mark.parametrize(
+    ("answers", "stopped"),
+    [
+        ([set(), {"web-a"}], False),  # a restarted Redis forgot the key once: the job goes on
+        ([set(), set()], True),  # missing at two checks in a row: the web process is gone
+    ],
+)
+async def test_a_web_process_must_be_missing_twice_before_its_jobs_stop(answers, stopped):
+    from asgi_worker.loop import Worker
+    from tripod.layers import LocalChannelLayer
+
+    worker = Worker(LocalChannelLayer(), "tripod.generate.t", lambda: None, 1, registry=_Registry(*answers))
+    worker.heartbeat_interval = 0.01
+    stream = _Stream()
+    worker.running["job"], worker._readers["job"] = stream, "web-a"
+    watcher = asyncio.create_task(worker._watch_readers())
+    await asyncio.sleep(0.1)
+    watcher.cancel()
+    assert stream.cancelled is stopped

@@ -3,20 +3,34 @@
 Each worker beats ``tripod:worker:<id>`` (a JSON record) with a short TTL; a missing key is a dead
 worker. The web tier reads it to list models, to decide readiness, and to notice a worker that died
 mid-stream. Job claims (``SET NX``) make sure a job pulled twice is still served once.
+
+Web processes beat ``tripod:web:<id>`` too, from their first generation on, and name themselves in each
+job: a worker stops the generations of a web process that died (a crash, ``SIGKILL``, a lost host), which
+nobody can read any more, instead of running them to their last token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import logging
+import os
+import socket
 import time
+import uuid
 import weakref
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+logger = logging.getLogger(__name__)
+
 WORKER_KEY = "tripod:worker:"
+WEB_KEY = "tripod:web:"
+# This web process, as the jobs it submits name it.
+WEB_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 MODELS_KEY = "tripod:models"
 CLAIM_KEY = "tripod:claim:"
 CLAIM_TTL_MS = 6 * 3600 * 1000
@@ -39,6 +53,7 @@ class _LoopState:
         self.workers: list[dict[str, Any]] = []
         self.fetched_at = float("-inf")
         self.lock = asyncio.Lock()
+        self.web_heartbeat: asyncio.Task | None = None
 
 
 class WorkerRegistry:
@@ -96,6 +111,38 @@ class WorkerRegistry:
 
     async def alive(self, worker_id: str) -> bool:
         return any(worker["id"] == worker_id for worker in await self.workers())
+
+    async def web_beat(self, web_id: str) -> None:
+        await self.redis.set(WEB_KEY + web_id, "1", px=self.ttl_ms)
+
+    async def live_webs(self, web_ids: set[str]) -> set[str]:
+        """Those of ``web_ids`` whose web process beat within the TTL."""
+        ids = sorted(web_ids)
+        values = await self.redis.mget([WEB_KEY + web_id for web_id in ids])
+        return {web_id for web_id, value in zip(ids, values, strict=True) if value is not None}
+
+    async def ensure_web_heartbeat(self, interval: float) -> str:
+        """Start this event loop's web heartbeat unless it runs; return the id that jobs carry.
+
+        The first beat is written before this returns, so no worker sees a job from a web process it
+        cannot find.
+        """
+        state = self._state()
+        if state.web_heartbeat is None or state.web_heartbeat.done():
+            await self.web_beat(WEB_ID)
+            # A context of its own: not the first request's (its request id, its thread).
+            state.web_heartbeat = asyncio.get_running_loop().create_task(
+                self._beat_web(interval), context=contextvars.Context()
+            )
+        return WEB_ID
+
+    async def _beat_web(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.web_beat(WEB_ID)
+            except RegistryUnavailable as exc:
+                logger.warning("web heartbeat failed: %s", exc)
 
     async def claim(self, job_id: str, worker_id: str) -> bool:
         """Take a job for ``worker_id``; False if a live worker already took it."""
