@@ -6,8 +6,9 @@
 #
 # Usage: bench/ab.sh OUT_DIR ROUNDS SPEC [SPEC...]
 #   SPEC is "DIR|ENV": a checkout (e.g. a `git worktree` of the commit to compare) and environment
-#   assignments for its server (TRIPOD_ENGINE defaults to hf-cb), or "PEER|" for `transformers serve
-#   --continuous-batching` on the same tiny model. C (16) and N (48) set concurrency and requests.
+#   assignments for its server (TRIPOD_ENGINE defaults to hf-cb), or "PEER|FLAGS" for `transformers serve
+#   --continuous-batching` on the same tiny model (FLAGS, e.g. "--cb-max-batch-tokens 256", override its
+#   defaults here). C (16) and N (48) set concurrency and requests.
 # Example: git worktree add /tmp/base HEAD~1 && bench/ab.sh var/ab 5 "/tmp/base|" ".|" "PEER|"
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,7 +23,7 @@ for spec in "$@"; do
     dir=${spec%%|*}; envs=${spec#*|}; port=$((8720 + i))
     if [ "$dir" = PEER ]; then
         (cd "$HERE" && exec "$PY" -m transformers.cli.transformers serve "$TINY" --device cpu --port $port \
-            --continuous-batching --cb-num-blocks 512 --cb-max-batch-tokens 1024) >"$OUT/server$i.log" 2>&1 &
+            --continuous-batching --cb-num-blocks 512 --cb-max-batch-tokens 1024 $envs) >"$OUT/server$i.log" 2>&1 &
         peer[$i]=1
     else
         db=$(mktemp -d)/db.sqlite3

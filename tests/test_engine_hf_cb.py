@@ -242,3 +242,9 @@ def test_kv_padding_reaches_the_batching_config(chat_model):
 def test_default_kv_padding_is_transformers_own(cb_model):
     assert cb_model.cb_kv_padding == 0
     assert cb_model.manager.continuous_batching_config.kv_padding_interval_size == 16384
+
+
+def test_on_cpu_a_step_takes_at_most_256_tokens_by_default(cb_model):
+    """Prefill in small chunks: at 16 streams, first tokens came 30 % sooner than with 1024 (docs/BENCHMARKS.md)."""
+    config = cb_model.manager.continuous_batching_config
+    assert (config.num_blocks, config.max_batch_tokens) == (512, 256)

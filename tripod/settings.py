@@ -135,7 +135,7 @@ TRIPOD = {
     "DEVICE": os.environ.get("TRIPOD_DEVICE", "auto"),
     "DTYPE": os.environ.get("TRIPOD_DTYPE", "auto"),
     "SLOTS": int(os.environ.get("TRIPOD_SLOTS", "0")),
-    # hf-cb: KV cache size and tokens per step; 0 means auto on GPU, 512 blocks / 1024 tokens on CPU.
+    # hf-cb: KV cache size and tokens per step; 0 means auto on GPU, 512 blocks / 256 tokens on CPU.
     "CB_NUM_BLOCKS": int(os.environ.get("TRIPOD_CB_NUM_BLOCKS", "0")),
     "CB_MAX_BATCH_TOKENS": int(os.environ.get("TRIPOD_CB_MAX_BATCH_TOKENS", "0")),
     "CB_CUDA_GRAPH": os.environ.get("TRIPOD_CB_CUDA_GRAPH", "auto"),
