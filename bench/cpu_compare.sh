@@ -44,9 +44,13 @@ for engine in hf hf-cb; do
     kill "$pid"; wait "$pid" 2>/dev/null
 done
 
-for mode in --continuous-batching --no-continuous-batching; do
-    name=peer${mode/--/-}
-    "$PY" -m transformers.cli.transformers serve "$TINY" --device cpu --port 8712 $mode "${CB_FLAGS[@]}" \
+# The peer as the issue runs it (512 blocks, 1024 tokens per step), with Tripod's CPU step size (256), and without
+# continuous batching.
+for run in "continuous-batching|--continuous-batching" \
+    "continuous-batching-256|--continuous-batching --cb-max-batch-tokens 256" \
+    "no-continuous-batching|--no-continuous-batching"; do
+    name=peer-${run%%|*}; mode=${run#*|}
+    "$PY" -m transformers.cli.transformers serve "$TINY" --device cpu --port 8712 "${CB_FLAGS[@]}" $mode \
         >"$LOGS/server-$name.log" 2>&1 &
     pid=$!
     wait_up http://127.0.0.1:8712/health
