@@ -130,6 +130,9 @@ def test_markdown_is_rendered_and_nothing_in_it_runs(chat):
             '<script>alert(1)</script><img src=x onerror="alert(1)"> [x](javascript:alert(1)) '
             '[y](https://a.b/"onmouseover="alert(1)) <a href="javascript:alert(1)">z</a>'
         ),
+        "table": "Counts:\n| River | Length \\| km |\n|:--|--:|\n| **Nile** | 6650 |\n| Amazon |\n\nAfter.",
+        "not a table": "a | b\nno delimiter row",
+        "table attack": '| <script>alert(1)</script> | x |\n|---|---|\n| <img src=x onerror="alert(1)"> | y |',
     }
     rendered = chat.page.evaluate(
         """async (cases) => {
@@ -163,6 +166,15 @@ def test_markdown_is_rendered_and_nothing_in_it_runs(chat):
     assert all(href.startswith("https://") for href in attack["hrefs"])
     assert set(attack["attributes"]) <= {"href", "target", "rel"}
     assert "<script>alert(1)</script>" in attack["text"]  # shown as text, not run
+    table = rendered["table"]
+    rows = ["thead", "tr", "th", "th", "tbody", "tr", "td", "strong", "td", "tr", "td", "td"]
+    assert table["tags"] == ["p", "div", "table", *rows, "p"]
+    assert '<th class="align-left">River</th><th class="align-right">Length | km</th>' in table["html"]
+    assert '<td class="align-left">Amazon</td><td class="align-right"></td>' in table["html"]
+    assert rendered["not a table"]["tags"] == ["p", "br"]
+    table_attack = rendered["table attack"]
+    assert set(table_attack["attributes"]) == {"class"} and "script" not in table_attack["tags"]
+    assert "<script>alert(1)</script>" in table_attack["text"]
 
 
 # --- streaming over each transport --------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 // A small, safe Markdown renderer for chat replies.
 //
 // Safety comes from the order: the whole source is HTML-escaped first, and the rules below only ever add
-// a fixed set of tags (p, br, h1-h6, ul, ol, li, blockquote, hr, pre, code, strong, em, del, a) around
-// escaped text. Links are kept only for http(s) URLs. Nothing from the source can become a tag or an
+// a fixed set of tags (p, br, h1-h6, ul, ol, li, blockquote, hr, pre, code, strong, em, del, a, and a
+// table's div, table, thead, tbody, tr, th, td) around escaped text. Links are kept only for http(s) URLs;
+// a table cell's alignment is one of three fixed classes. Nothing from the source can become a tag or an
 // attribute of its own. A reply is re-rendered whole on each update, so an unclosed code fence simply
 // runs to the end of the text until its closing line arrives.
 
@@ -18,6 +19,8 @@ const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
 const QUOTE = /^ {0,3}&gt; ?/;
 const ITEM = /^( {0,3})([-*+]|\d{1,9}[.)])[ \t]+(.*)$/;
 const BLANK = /^\s*$/;
+// A table's delimiter row (GitHub's tables): cells of dashes, each with an optional colon on either side.
+const TABLE_DELIMITER = /^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$/;
 
 /** Render Markdown source to an HTML string that is safe to assign to innerHTML. */
 export function renderMarkdown(source) {
@@ -29,6 +32,41 @@ export function renderMarkdown(source) {
 
 function startsBlock(line) {
   return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) || ITEM.test(line);
+}
+
+// A row's cells: split on pipes not escaped as \|, without the optional pipes at either end.
+function cells(line) {
+  const row = line.trim().replace(/^\|/, "").replace(/(^|[^\\])\|$/, "$1");
+  return row.split(/(?<!\\)\|/).map((cell) => cell.trim().replace(/\\\|/g, "|"));
+}
+
+// A table starts at lines[i]: a row with a pipe, then a delimiter row with as many cells.
+function startsTable(lines, i) {
+  const next = lines[i + 1];
+  if (!lines[i].includes("|") || next === undefined || !TABLE_DELIMITER.test(next)) return false;
+  return cells(next).length === cells(lines[i]).length;
+}
+
+// The table starting at lines[start]; returns the index after it. Body rows run to a blank line or another block.
+function table(lines, start, out) {
+  const header = cells(lines[start]);
+  const aligns = cells(lines[start + 1]).map((cell) => {
+    const left = cell.startsWith(":");
+    const right = cell.endsWith(":");
+    const align = left && right ? "center" : right ? "right" : left ? "left" : "";
+    return align ? ` class="align-${align}"` : ""; // a class: the page's CSP refuses inline styles
+  });
+  const row = (values, tag) =>
+    `<tr>${header.map((_, n) => `<${tag}${aligns[n]}>${inline(values[n] ?? "")}</${tag}>`).join("")}</tr>`;
+  const body = [];
+  let i = start + 2;
+  while (i < lines.length && !BLANK.test(lines[i]) && !startsBlock(lines[i])) {
+    body.push(row(cells(lines[i]), "td"));
+    i += 1;
+  }
+  const tbody = body.length ? `<tbody>${body.join("")}</tbody>` : "";
+  out.push(`<div class="table"><table><thead>${row(header, "th")}</thead>${tbody}</table></div>`);
+  return i;
 }
 
 // Lines are already escaped. `tight` leaves paragraphs unwrapped (list items with no blank line).
@@ -61,9 +99,15 @@ function blocks(lines, tight) {
       out.push(`<blockquote>${blocks(body, false)}</blockquote>`);
     } else if ((m = line.match(ITEM))) {
       i = list(lines, i, out);
+    } else if (startsTable(lines, i)) {
+      i = table(lines, i, out);
     } else {
       const body = [];
-      while (i < lines.length && !BLANK.test(lines[i]) && (body.length === 0 || !startsBlock(lines[i]))) {
+      while (
+        i < lines.length &&
+        !BLANK.test(lines[i]) &&
+        (body.length === 0 || !(startsBlock(lines[i]) || startsTable(lines, i)))
+      ) {
         body.push(lines[i++].trim());
       }
       out.push(tight ? inline(body.join("\n")) : `<p>${inline(body.join("\n"))}</p>`);
