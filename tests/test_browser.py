@@ -1,4 +1,4 @@
-"""The chat page at ``/`` in real headless Chromium, against a real daphne serving the tiny model.
+"""The chat page at ``/`` in real headless Chromium, against a real daphne serving the tiny model with each engine.
 
 Each transport is used the way a person would: type, press Enter, watch the reply grow, press Stop. The
 SSE reply also survives a cut network: a TCP relay between browser and server drops every connection
@@ -51,10 +51,10 @@ def _serve(env: dict[str, str] | None = None) -> LiveServer:
     return live
 
 
-@pytest.fixture(scope="module")
-def live() -> Iterator[LiveServer]:
-    """An open server (no key) on the embedded defaults, model loaded."""
-    server = _serve()
+@pytest.fixture(scope="module", params=["hf", "hf-cb"])
+def live(request) -> Iterator[LiveServer]:
+    """An open server (no key) on the embedded defaults with each engine, model loaded."""
+    server = _serve({"TRIPOD_ENGINE": request.param})
     try:
         httpx.post(server.url + "/v1/completions", json={"prompt": "warm", "max_tokens": 1}, timeout=120)
         yield server
