@@ -130,10 +130,11 @@ class WorkerRegistry:
         state = self._state()
         if state.web_heartbeat is None or state.web_heartbeat.done():
             await self.web_beat(WEB_ID)
-            # A context of its own: not the first request's (its request id, its thread).
-            state.web_heartbeat = asyncio.get_running_loop().create_task(
-                self._beat_web(interval), context=contextvars.Context()
-            )
+            if state.web_heartbeat is None or state.web_heartbeat.done():  # not started by a request beside this one
+                # A context of its own: not the first request's (its request id, its thread).
+                state.web_heartbeat = asyncio.get_running_loop().create_task(
+                    self._beat_web(interval), context=contextvars.Context()
+                )
         return WEB_ID
 
     async def _beat_web(self, interval: float) -> None:
