@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -46,21 +48,29 @@ def test_without_include_usage_no_usage_field(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-@pytest.fixture
-def slow_prefill(chat_model, settings):
-    """Fault injection: the first forward pass (prefill) of the next request takes 0.6 s."""
-    settings.TRIPOD = {**settings.TRIPOD, "SSE_KEEPALIVE": 0.1}
+@contextmanager
+def stalled_first_forward(chat_model, seconds: float) -> Iterator[None]:
+    """Fault injection: the next forward pass (a request's prefill) takes ``seconds``."""
     calls = {"n": 0}
-    gate = threading.Event()
 
     def hook(module, args):
         calls["n"] += 1
         if calls["n"] == 1:
-            gate.wait(0.6)
+            threading.Event().wait(seconds)
 
     handle = chat_model.model.model.layers[0].register_forward_pre_hook(hook)
-    yield
-    handle.remove()
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.fixture
+def slow_prefill(chat_model, settings):
+    """The first token of the next request comes after 0.6 s; keep-alives every 0.1 s."""
+    settings.TRIPOD = {**settings.TRIPOD, "SSE_KEEPALIVE": 0.1}
+    with stalled_first_forward(chat_model, 0.6):
+        yield
 
 
 async def test_keepalive_comments_while_waiting_for_the_first_token(slow_prefill):
@@ -74,18 +84,10 @@ async def test_keepalive_comments_while_waiting_for_the_first_token(slow_prefill
 
 @pytest.fixture
 def silent_worker(chat_model, settings):
-    """Fault injection: the worker admits the request, then sends nothing for 1.5 s (a stalled prefill)."""
+    """The worker admits the request, then sends nothing for 1.5 s, three times the event timeout."""
     settings.TRIPOD = {**settings.TRIPOD, "SSE_KEEPALIVE": 0.1, "EVENT_TIMEOUT": 0.5}
-    calls = {"n": 0}
-
-    def hook(module, args):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            threading.Event().wait(1.5)
-
-    handle = chat_model.model.model.layers[0].register_forward_pre_hook(hook)
-    yield
-    handle.remove()
+    with stalled_first_forward(chat_model, 1.5):
+        yield
 
 
 async def test_a_worker_that_goes_silent_ends_the_stream_with_worker_timeout(silent_worker):
