@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -63,6 +64,10 @@ def stalled_first_forward(chat_model, seconds: float) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+        # A test may end while the stall still holds its generation: leave the engine idle for the next one.
+        deadline = time.monotonic() + seconds + 10
+        while chat_model.active_generations and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @pytest.fixture
