@@ -7,12 +7,12 @@ event loop. It starts on the first request and loads the model on its first job.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import weakref
 
 from channels.layers import get_channel_layer
 
 from asgi_worker.loop import Worker
+from tripod.request_threads import outlive_request
 
 _workers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = weakref.WeakKeyDictionary()
 
@@ -24,5 +24,5 @@ def ensure_inline_worker() -> None:
     if task is not None and not task.done():
         return
     worker = Worker.from_settings(get_channel_layer())
-    # A fresh context: the worker must not inherit the first request's request id.
-    _workers[loop] = loop.create_task(worker.run(), name="tripod-inline-worker", context=contextvars.Context())
+    # Not in the first request's context: the worker must not inherit its request id or its thread.
+    _workers[loop] = outlive_request(worker.run(), None, name="tripod-inline-worker")

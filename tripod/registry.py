@@ -12,7 +12,6 @@ nobody can read any more, instead of running them to their last token.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from tripod.request_threads import outlive_request
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +132,7 @@ class WorkerRegistry:
         if state.web_heartbeat is None or state.web_heartbeat.done():
             await self.web_beat(WEB_ID)
             if state.web_heartbeat is None or state.web_heartbeat.done():  # not started by a request beside this one
-                # A context of its own: not the first request's (its request id, its thread).
-                state.web_heartbeat = asyncio.get_running_loop().create_task(
-                    self._beat_web(interval), context=contextvars.Context()
-                )
+                state.web_heartbeat = outlive_request(self._beat_web(interval), None, name="tripod-web-heartbeat")
         return WEB_ID
 
     async def _beat_web(self, interval: float) -> None:

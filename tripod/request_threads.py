@@ -52,15 +52,17 @@ class ReusedRequestThreads:
 _outliving: set[asyncio.Task] = set()
 
 
-def outlive_request(coro: Coroutine[Any, Any, Any], request_id: str | None) -> asyncio.Task:
-    """Run ``coro`` beyond the request that starts it (a background drain, a resumable stream's producer).
+def outlive_request(coro: Coroutine[Any, Any, Any], request_id: str | None, name: str | None = None) -> asyncio.Task:
+    """Run ``coro`` beyond the request that starts it (a background drain, a resumable stream's producer, the
+    inline worker, the web heartbeat).
 
-    It gets a context of its own that carries only the request id for its logs: the request's thread goes
-    back to the pool when the request ends, and asgiref refuses calls into a context that has exited.
+    It gets a context of its own that carries only the request id for its logs (none for a task that serves
+    every request): the request's thread goes back to the pool when the request ends, and asgiref refuses
+    calls into a context that has exited.
     """
     context = contextvars.Context()
     context.run(REQUEST_ID.set, request_id)
-    task = asyncio.get_running_loop().create_task(coro, context=context)
+    task = asyncio.get_running_loop().create_task(coro, name=name, context=context)
     _outliving.add(task)
     task.add_done_callback(_outliving.discard)
     return task
