@@ -24,7 +24,7 @@ from channels.exceptions import ChannelFull
 from tripod import events, metrics
 from tripod.conf import WORKERS_GROUP
 from tripod.engines.base import ChatModel, TokenStream
-from tripod.errors import APIError, EngineFailure, ServiceUnavailable
+from tripod.errors import APIError, EngineFailure, ServiceUnavailable, channel_layer_unavailable
 from tripod.logs import REQUEST_ID
 from tripod.protocol import SamplingParams
 from tripod.registry import RegistryUnavailable, WorkerRegistry
@@ -279,7 +279,7 @@ class Worker:
             if job.get("deadline") and time.time() > float(job["deadline"]):
                 # The client stopped waiting for a worker; nobody reads this reply channel any more.
                 return
-            if self.registry is not None and not await self.registry.claim(job_id, self.id):
+            if self.registry is not None and not await self._claim(job_id):
                 logger.info("job %s is already served by another worker", job_id)
                 return
             await self._generate(job_id, reply, job)
@@ -292,6 +292,13 @@ class Worker:
         finally:
             self._aborted.discard(job_id)
             self._free.release()
+
+    async def _claim(self, job_id: str) -> bool:
+        try:
+            return await self.registry.claim(job_id, self.id)
+        except RegistryUnavailable as exc:  # a 503 the client may retry, not an engine failure
+            logger.warning("job %s: could not claim it: %s", job_id, exc)
+            raise channel_layer_unavailable(exc) from None
 
     async def _generate(self, job_id: str, reply: str, job: dict[str, Any]) -> None:
         model = await self._model_instance()

@@ -20,7 +20,14 @@ from tripod import events
 from tripod.auth import OPEN, Principal
 from tripod.conf import WORKERS_GROUP, config, job_channel_for
 from tripod.engines.base import Delta
-from tripod.errors import APIError, EngineFailure, InvalidRequest, ModelNotFound, ServiceUnavailable
+from tripod.errors import (
+    APIError,
+    EngineFailure,
+    InvalidRequest,
+    ModelNotFound,
+    ServiceUnavailable,
+    channel_layer_unavailable,
+)
 from tripod.logs import REQUEST_ID
 from tripod.metrics import RequestMetrics
 from tripod.protocol import GenerationRequest, SamplingParams
@@ -84,7 +91,7 @@ async def resolve_model(requested: str | None) -> str:
 
 def _layer_down(exc: BaseException) -> ServiceUnavailable:
     logger.warning("channel layer unavailable: %r", exc, exc_info=exc)
-    return ServiceUnavailable(f"The channel layer (Redis) is unavailable: {exc}", code="channel_layer_unavailable")
+    return channel_layer_unavailable(exc)
 
 
 def _check_cap(params: SamplingParams, cap: int) -> None:

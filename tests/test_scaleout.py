@@ -203,6 +203,7 @@ async def test_redis_restart_fails_fast_then_recovers_without_restarting_anythin
         response = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=2), timeout=30)
         if response.status_code == 200:
             break
+        assert response.status_code == 503, response.text  # retryable, never a 500
         assert time.monotonic() - back < 10, response.text
         await asyncio.sleep(0.2)
     recovery = time.monotonic() - back
@@ -327,3 +328,50 @@ async def test_a_web_process_must_be_missing_twice_before_its_jobs_stop(answers,
     await asyncio.sleep(0.1)
     watcher.cancel()
     assert stream.cancelled is stopped
+
+
+async def test_pooled_redis_connections_survive_a_redis_restart(redis_server):
+    """A restarted Redis leaves a dead socket in every pool; the first command on one must still succeed.
+
+    Before the retry, a worker's claim failed here (its client got a 500) and a worker's first event to a
+    client was lost (its client waited for the queue timeout).
+    """
+    from channels_redis.core import RedisChannelLayer
+
+    from tripod.redis_connections import redis_channel_layer
+    from tripod.registry import WorkerRegistry
+
+    layer = RedisChannelLayer(**redis_channel_layer(redis_server.url, queue_timeout=60)["CONFIG"])
+    registry = WorkerRegistry(redis_server.url, ttl=5)
+    await layer.send("tripod.test", {"type": "before"})
+    assert (await layer.receive("tripod.test"))["type"] == "before"
+    assert await registry.claim("job-1", "worker-a")
+    await layer.wait_received()
+    redis_server.restart()  # synchronous: the event loop has not seen any pooled socket close
+    await layer.send("tripod.test", {"type": "after"})
+    assert (await layer.receive("tripod.test"))["type"] == "after"
+    assert await registry.claim("job-2", "worker-a")
+    await layer.wait_received()
+
+
+class _RedisDownRegistry:
+    """Stands in for a registry whose Redis fails under the claim."""
+
+    async def claim(self, job_id: str, worker_id: str) -> bool:
+        import redis.exceptions
+
+        raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+
+async def test_a_claim_that_redis_fails_answers_503_not_an_engine_error():
+    from asgi_worker.loop import Worker
+    from tripod import events
+    from tripod.layers import LocalChannelLayer
+
+    layer = LocalChannelLayer()
+    worker = Worker(layer, "tripod.generate.t", lambda: None, 1, registry=_RedisDownRegistry())
+    reply = await layer.new_channel("tripod.reply.")
+    await worker._serve({"type": events.JOB, "id": "job-1", "reply_channel": reply, "prompt": "hi"})
+    event = await layer.receive(reply)
+    assert event["type"] == events.ERROR
+    assert (event["status"], event["code"]) == (503, "channel_layer_unavailable"), event

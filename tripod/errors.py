@@ -92,6 +92,11 @@ class ServiceUnavailable(APIError):
     type = "server_error"
 
 
+def channel_layer_unavailable(exc: BaseException) -> ServiceUnavailable:
+    """The answer when Redis (the channel layer, the registry) fails under a request."""
+    return ServiceUnavailable(f"The channel layer (Redis) is unavailable: {exc}", code="channel_layer_unavailable")
+
+
 class EngineFailure(APIError):
     status = 500
     type = "server_error"

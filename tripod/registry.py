@@ -24,6 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from tripod.redis_connections import connection_options
 from tripod.request_threads import outlive_request
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class _LoopState:
     def __init__(self, url: str) -> None:
         # A blocking pool: a burst of requests waits for a connection instead of failing.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=2, socket_connect_timeout=1, socket_timeout=2
+            url, max_connections=64, timeout=2, **connection_options(read_timeout=2)
         )
         self.client = aioredis.Redis(connection_pool=pool)
         self.workers: list[dict[str, Any]] = []

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tripod.redis_connections import redis_channel_layer
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -91,22 +93,7 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 
 if REDIS_URL:
     # Scaled: any number of web processes and `python -m asgi_worker` processes share one Redis.
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                # redis-py 8 reads with a 5 s socket timeout by default, which aborts channels_redis's 5 s
-                # blocking BZPOPMIN (django/channels_redis#422): read timeout above it, connects fail fast.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 10, "socket_connect_timeout": 2}],
-                # A job may wait in its model's channel as long as the queue timeout allows.
-                "expiry": int(QUEUE_TIMEOUT) + 60,
-                "capacity": 1000,
-                # Every reply channel of one web process shares one Redis key (and this capacity);
-                # deltas are coalesced, so this holds hundreds of concurrent streams with room to spare.
-                "channel_capacity": {"tripod.reply.*": 50000, "tripod.generate.*": 10000},
-            },
-        }
-    }
+    CHANNEL_LAYERS = {"default": redis_channel_layer(REDIS_URL, QUEUE_TIMEOUT)}
 else:
     # Embedded default: one process, in-memory channel layer, the worker inline.
     CHANNEL_LAYERS = {

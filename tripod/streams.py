@@ -25,6 +25,7 @@ from django.core import signing
 
 from tripod.conf import config
 from tripod.errors import APIError
+from tripod.redis_connections import connection_options
 
 DONE = "[DONE]"
 STREAM_KEY = "tripod:stream:"
@@ -206,7 +207,7 @@ class RedisStreamStore(StreamStore):
         client = self._clients.get(loop)
         if client is None:
             # socket_timeout stays above the longest XREAD block (see ``read``).
-            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=10)
+            client = aioredis.Redis.from_url(self.url, **connection_options(read_timeout=10))
             self._clients[loop] = client
         return client
 

@@ -1,0 +1,47 @@
+"""How Tripod connects to Redis: fail fast while Redis is down, and survive its restart unnoticed.
+
+A pooled connection outlives a Redis restart as a dead socket, and the pool may hand it out before the
+event loop has seen it close: its first command then fails with ``ConnectionError``, although Redis is
+back. Without a retry that failure reached clients (a worker could not claim a job and answered 500, or
+could not send a job's first event and left its client waiting for the queue timeout). One immediate
+retry on a fresh connection hides it; while Redis is down it costs one more refused connect.
+
+The retry covers connection errors only, never read timeouts, so a blocking read (channels_redis's 5 s
+``BZPOPMIN``) is not waited for twice. A command whose reply was lost with its connection may run twice;
+that takes Redis dying at that instant, which loses its data anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+
+def connection_options(read_timeout: float, connect_timeout: float = 1.0) -> dict[str, Any]:
+    """Keyword arguments for a redis-py asyncio connection pool or client."""
+    return {
+        "socket_timeout": read_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "retry": Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
+    }
+
+
+def redis_channel_layer(url: str, queue_timeout: float) -> dict[str, Any]:
+    """The ``CHANNEL_LAYERS`` entry of a scaled deployment: channels_redis on ``url``."""
+    return {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            # redis-py 8 reads with a 5 s socket timeout by default, which aborts channels_redis's 5 s
+            # blocking BZPOPMIN (django/channels_redis#422): read timeout above it, connects fail fast.
+            "hosts": [{"address": url, **connection_options(read_timeout=10, connect_timeout=2)}],
+            # A job may wait in its model's channel as long as the queue timeout allows.
+            "expiry": int(queue_timeout) + 60,
+            "capacity": 1000,
+            # Every reply channel of one web process shares one Redis key (and this capacity);
+            # deltas are coalesced, so this holds hundreds of concurrent streams with room to spare.
+            "channel_capacity": {"tripod.reply.*": 50000, "tripod.generate.*": 10000},
+        },
+    }
