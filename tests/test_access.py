@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import sqlite3
 import time
 
 import httpx
@@ -13,7 +16,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, manage
+from tests.processes import LiveServer, manage, migrated_database
 
 WRONG = "tpd_this-is-not-a-key-0000000000000000000000000"
 ENV_KEY = "sk-single-env-key-for-the-seed"
@@ -331,5 +334,38 @@ def test_websocket_clients_without_an_origin_pass_and_foreign_pages_do_not():
         with pytest.raises(InvalidStatus):
             asyncio.run(ws_chat(server.ws_url, origin="http://evil.example"))
         assert asyncio.run(ws_chat(server.ws_url, origin=f"http://127.0.0.1:{server.port}"))["type"] == "done"
+    finally:
+        server.stop()
+
+
+async def test_key_lookups_and_usage_see_a_database_replaced_under_a_running_server():
+    """A key lookup that misses the cache, and a WebSocket's usage write, run in threads that outlive the
+    request; Django's connection rules must hold there too (closed after use under the default
+    ``CONN_MAX_AGE``). Before, each such thread kept its first connection for ever, so a database restored
+    or failed over under a running server (here: its sqlite file replaced) went unseen by them."""
+    server = LiveServer({"TRIPOD_AUTH_CACHE_SECONDS": "0"})
+    old_key = create_key(server.db_path, "before")
+    server.wait_ready()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+
+            async def statuses(key: str) -> list[int]:
+                return [(await client.get("/v1/models", headers=headers(key))).status_code for _ in range(8)]
+
+            assert (await ws_chat(server.ws_url, additional_headers=headers(old_key)))["type"] == "done"
+            assert await statuses(old_key) == [200] * 8
+            replacement = migrated_database()
+            new_key = create_key(replacement, "after")
+            os.replace(replacement, server.db_path)
+            assert await statuses(new_key) == [200] * 8
+            assert await statuses(old_key) == [401] * 8
+            assert (await ws_chat(server.ws_url, additional_headers=headers(new_key)))["type"] == "done"
+        with contextlib.closing(sqlite3.connect(server.db_path)) as db:
+            for _ in range(50):  # the usage row is written as the request settles
+                rows = db.execute("SELECT requests FROM tripod_usageday").fetchall()
+                if rows:
+                    break
+                await asyncio.sleep(0.1)
+        assert rows == [(1,)]
     finally:
         server.stop()

@@ -14,7 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.db import DatabaseError
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication
@@ -166,7 +166,8 @@ async def authenticate_async(token: str | None) -> Principal:
     try:
         return authenticate(token, cached_only=True)
     except _NeedsDatabase:
-        return await sync_to_async(authenticate, thread_sensitive=False)(token)
+        # In any free thread, with Django's connection rules kept there (closed after use by default).
+        return await database_sync_to_async(authenticate, thread_sensitive=False)(token)
 
 
 def bearer_token(authorization: str | None) -> str | None:

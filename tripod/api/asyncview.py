@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.http import HttpResponse
 from django.template.response import SimpleTemplateResponse
 from django.utils.functional import classproperty
@@ -62,7 +63,7 @@ class AsyncAPIView(APIView):
         for authenticator in request.authenticators:
             authenticate = getattr(authenticator, "authenticate_async", None)
             if authenticate is None:
-                authenticate = sync_to_async(authenticator.authenticate, thread_sensitive=False)
+                authenticate = database_sync_to_async(authenticator.authenticate, thread_sensitive=False)
             try:
                 user_auth = await authenticate(request)
             except Exception:
