@@ -18,11 +18,13 @@ def test_the_embedded_mode_uses_it():
 async def test_messages_arrive_in_order_as_copies():
     layer = LocalChannelLayer()
     sent = {"type": "generate.delta", "text": "a", "meta": {"n": 1}}
+    flat = {"type": "generate.done", "seq": 1}
     await layer.send("tripod.reply.x", sent)
-    await layer.send("tripod.reply.x", {"type": "generate.done"})
-    sent["meta"]["n"] = 2  # the sender reusing its dict changes nothing the receiver holds
+    await layer.send("tripod.reply.x", flat)
+    sent["meta"]["n"] = 2  # the sender reusing its dicts changes nothing the receiver holds
+    flat["seq"] = 2
     assert await layer.receive("tripod.reply.x") == {"type": "generate.delta", "text": "a", "meta": {"n": 1}}
-    assert (await layer.receive("tripod.reply.x"))["type"] == "generate.done"
+    assert await layer.receive("tripod.reply.x") == {"type": "generate.done", "seq": 1}
 
 
 async def test_the_expiry_sweep_runs_at_most_once_per_interval(monkeypatch):

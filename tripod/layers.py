@@ -20,6 +20,16 @@ from copy import deepcopy
 from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 
+# A message holding only these is copied with dict(): a delta's copy costs a fifth of a deepcopy.
+_IMMUTABLE = frozenset((str, int, float, bool, bytes, type(None)))
+
+
+def _copy(message: dict) -> dict:
+    """What the receiver gets: a copy that nothing the sender does afterwards can change."""
+    if all(type(value) in _IMMUTABLE for value in message.values()):
+        return dict(message)
+    return deepcopy(message)
+
 
 class LocalChannelLayer(InMemoryChannelLayer):
     """``InMemoryChannelLayer`` with the expiry sweep on a timer and one queue per live channel."""
@@ -45,7 +55,7 @@ class LocalChannelLayer(InMemoryChannelLayer):
         assert isinstance(message, dict), "message is not a dict"
         assert "__asgi_channel__" not in message
         try:
-            self._queue(channel).put_nowait((time.time() + self.expiry, deepcopy(message)))
+            self._queue(channel).put_nowait((time.time() + self.expiry, _copy(message)))
         except asyncio.QueueFull:
             raise ChannelFull(channel) from None
 
