@@ -14,16 +14,14 @@ set -uo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:?usage: bench/ab.sh OUT_DIR ROUNDS SPEC...}; ROUNDS=${2:?rounds}; shift 2
 mkdir -p "$OUT"
-PY=${PYTHON:-$HERE/.venv/bin/python}
-TINY=$(cd "$HERE" && "$PY" -c "from pathlib import Path; from tripod.engines.tiny import ensure_tiny_model; print(ensure_tiny_model(Path.home() / '.cache' / 'tripod'))")
+source "$HERE/bench/common.sh"
 LOAD=(--transport sse --prompt-len 128 --output-len 128 --no-progress --tokenizer "$TINY")
 export TRIPOD_LOG_LEVEL=WARNING HF_HUB_OFFLINE=1
 pids=(); ports=(); declare -A peer; i=0
 for spec in "$@"; do
     dir=${spec%%|*}; envs=${spec#*|}; port=$((8720 + i))
     if [ "$dir" = PEER ]; then
-        (cd "$HERE" && exec "$PY" -m transformers.cli.transformers serve "$TINY" --device cpu --port $port \
-            --continuous-batching --cb-num-blocks 512 --cb-max-batch-tokens 1024 $envs) >"$OUT/server$i.log" 2>&1 &
+        (serve_peer $port --continuous-batching $envs) >"$OUT/server$i.log" 2>&1 &
         peer[$i]=1
     else
         db=$(mktemp -d)/db.sqlite3

@@ -5,12 +5,11 @@
 # Usage: bench/cpu_compare.sh OUT_DIR    (needs: pip install -r requirements-bench.txt)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+HERE=$(pwd)
+source bench/common.sh
 OUT=${1:?usage: bench/cpu_compare.sh OUT_DIR}
 mkdir -p "$OUT"
-PY=${PYTHON:-.venv/bin/python}
-TINY=$("$PY" -c "from pathlib import Path; from tripod.engines.tiny import ensure_tiny_model; print(ensure_tiny_model(Path.home() / '.cache' / 'tripod'))")
 LOAD=(--transport sse --prompt-len 128 --output-len 128 --warmup 2 --no-progress --tokenizer "$TINY")
-CB_FLAGS=(--cb-num-blocks 512 --cb-max-batch-tokens 1024)
 export TRIPOD_DB_PATH="$(mktemp -d)/db.sqlite3" TRIPOD_LOG_LEVEL=WARNING HF_HUB_OFFLINE=1
 LOGS=$(mktemp -d)
 "$PY" manage.py migrate --noinput -v 0
@@ -50,8 +49,7 @@ for run in "continuous-batching|--continuous-batching" \
     "continuous-batching-256|--continuous-batching --cb-max-batch-tokens 256" \
     "no-continuous-batching|--no-continuous-batching"; do
     name=peer-${run%%|*}; mode=${run#*|}
-    "$PY" -m transformers.cli.transformers serve "$TINY" --device cpu --port 8712 "${CB_FLAGS[@]}" $mode \
-        >"$LOGS/server-$name.log" 2>&1 &
+    (serve_peer 8712 $mode) >"$LOGS/server-$name.log" 2>&1 &
     pid=$!
     wait_up http://127.0.0.1:8712/health
     bench "$name" http://127.0.0.1:8712 16 48 --model "$TINY" --no-ignore-eos
