@@ -26,7 +26,7 @@ for spec in "$@"; do
     else
         db=$(mktemp -d)/db.sqlite3
         (cd "$dir" && TRIPOD_DB_PATH=$db "$PY" manage.py migrate --noinput -v 0 &&
-            exec env $envs TRIPOD_DB_PATH="$db" TRIPOD_ENGINE="${TRIPOD_ENGINE:-hf-cb}" TRIPOD_SLOTS=64 \
+            exec env TRIPOD_DB_PATH="$db" TRIPOD_ENGINE="${TRIPOD_ENGINE:-hf-cb}" TRIPOD_SLOTS=64 $envs \
             "$PY" -m daphne -b 127.0.0.1 -p $port --access-log /dev/null tripod.asgi:application) >"$OUT/server$i.log" 2>&1 &
     fi
     pids+=($!); ports+=($port); i=$((i + 1))
