@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tripod.redis_connections import redis_channel_layer
-
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -93,6 +91,8 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 
 if REDIS_URL:
     # Scaled: any number of web processes and `python -m asgi_worker` processes share one Redis.
+    from tripod.redis_connections import redis_channel_layer  # here: redis-py takes 0.1 s to import
+
     CHANNEL_LAYERS = {"default": redis_channel_layer(REDIS_URL, QUEUE_TIMEOUT)}
 else:
     # Embedded default: one process, in-memory channel layer, the worker inline.
