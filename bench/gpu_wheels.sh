@@ -18,5 +18,5 @@ grep -v -E '^(torch|peft|accelerate|matplotlib)\b' requirements.txt >"$serving"
     --platform linux_x86_64 -r "$serving" py-spy
 rm "$serving"
 # transformers names torch and numpy as dependencies; the machine's own builds serve (--no-deps there).
-for skip in torch nvidia_ triton numpy sympy networkx mpmath; do rm -f "$DIR/$skip"*.whl "$DIR/$skip"-*.whl; done
+for skip in torch nvidia_ triton numpy sympy networkx mpmath; do rm -f "$DIR/$skip"*.whl; done
 du -sh "$DIR"

@@ -339,10 +339,10 @@ def test_websocket_clients_without_an_origin_pass_and_foreign_pages_do_not():
 
 
 async def test_key_lookups_and_usage_see_a_database_replaced_under_a_running_server():
-    """A key lookup that misses the cache, and a WebSocket's usage write, run in threads that outlive the
-    request; Django's connection rules must hold there too (closed after use under the default
-    ``CONN_MAX_AGE``). Before, each such thread kept its first connection for ever, so a database restored
-    or failed over under a running server (here: its sqlite file replaced) went unseen by them."""
+    """A key lookup that misses the cache runs in a worker thread; Django's connection rules must hold there
+    too (closed after use under the default ``CONN_MAX_AGE``). Before, each such thread kept its first
+    connection for ever, so a database restored or failed over under a running server (here: its sqlite file
+    replaced) went unseen by the lookups. A WebSocket's usage write must see the new database as well."""
     server = LiveServer({"TRIPOD_AUTH_CACHE_SECONDS": "0"})
     old_key = create_key(server.db_path, "before")
     server.wait_ready()

@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+import redis.exceptions
 
 from tests.conftest import chat_body
 from tests.processes import LiveServer, RedisServer, WorkerProcess
@@ -333,8 +334,9 @@ async def test_a_web_process_must_be_missing_twice_before_its_jobs_stop(answers,
 async def test_pooled_redis_connections_survive_a_redis_restart(redis_server):
     """A restarted Redis leaves a dead socket in every pool; the first command on one must still succeed.
 
-    Before the retry, a worker's claim failed here (its client got a 500) and a worker's first event to a
-    client was lost (its client waited for the queue timeout).
+    Before the retry, the first command after the restart failed. In a running deployment that command was a
+    worker's claim (its client got a 500) or a worker's first event to a client (lost: the client waited for
+    the queue timeout).
     """
     from channels_redis.core import RedisChannelLayer
 
@@ -358,8 +360,6 @@ class _RedisDownRegistry:
     """Stands in for a registry whose Redis fails under the claim."""
 
     async def claim(self, job_id: str, worker_id: str) -> bool:
-        import redis.exceptions
-
         raise redis.exceptions.ConnectionError("Connection closed by server.")
 
 
