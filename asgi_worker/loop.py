@@ -323,7 +323,8 @@ class Worker:
             }
             if not await self._send(reply, started):
                 stream.cancel()
-            await self._pump(job_id, reply, stream)
+            interval, hold = int(job.get("stream_interval", 1)), float(job.get("stream_hold", 0.0))
+            await self._pump(job_id, reply, stream, interval, hold)
         finally:
             self.running.pop(job_id, None)
             self._readers.pop(job_id, None)
@@ -337,16 +338,38 @@ class Worker:
                 stream.completion_tokens,
             )
 
-    async def _pump(self, job_id: str, reply: str, stream: TokenStream) -> None:
-        """Relay deltas; whatever arrived while the last send was in flight goes out as one delta."""
+    async def _pump(self, job_id: str, reply: str, stream: TokenStream, interval: int = 1, hold: float = 0.0) -> None:
+        """Relay deltas: the first at once, then one per ``interval`` tokens (0: as few as ``hold`` allows).
+
+        Whatever arrived while the last send was in flight goes out as one delta. With ``interval`` other than 1, a
+        delta also waits for that many tokens, but goes out once ``hold`` seconds have passed since the last one sent
+        (checked as each new delta arrives, so a slow engine's tokens still go out as they come). The job names both.
+        """
         seq = 0
+        text: list[str] = []
+        tokens = 0
+        sent_at = 0.0
         async with aclosing(stream.deltas_async()) as deltas:
             async for delta in deltas:
-                message = {"type": events.DELTA, "id": job_id, "text": delta.text, "tokens": delta.tokens, "seq": seq}
-                seq += 1
-                if not await self._send(reply, message):
+                text.append(delta.text)
+                tokens += delta.tokens
+                if interval != 1 and seq and (not interval or tokens < interval):
+                    now = time.monotonic()
+                    if now - sent_at < hold:
+                        continue
+                if not await self._send(reply, _delta_event(job_id, text, tokens, seq)):
                     return  # the reader is gone: leaving the loop cancels the generation
+                seq += 1
+                text, tokens = [], 0
+                if interval != 1:
+                    sent_at = time.monotonic()
+        if (text or tokens) and not await self._send(reply, _delta_event(job_id, text, tokens, seq)):
+            return
         if job_id in self._aborted:
             raise ServiceUnavailable("The worker shut down before this generation finished.", code="worker_shutdown")
         done = {"type": events.DONE, "id": job_id, "finish_reason": stream.finish_reason, "usage": stream.usage()}
         await self._send(reply, done)
+
+
+def _delta_event(job_id: str, text: list[str], tokens: int, seq: int) -> dict[str, Any]:
+    return {"type": events.DELTA, "id": job_id, "text": "".join(text), "tokens": tokens, "seq": seq}

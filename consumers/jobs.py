@@ -39,6 +39,10 @@ from tripod.usage import record as record_usage
 logger = logging.getLogger(__name__)
 # After a client leaves, how long to wait for its worker's final usage report.
 DRAIN_SECONDS = 5.0
+# A streamed delta held back to gather TRIPOD_STREAM_INTERVAL tokens goes out once this much older than the last.
+STREAM_HOLD_SECONDS = 0.1
+# The longest a worker holds back the text of a reply that is not streamed.
+UNSTREAMED_HOLD_SECONDS = 1.0
 # One line per generation request: the access log of the API.
 request_log = logging.getLogger("tripod.requests")
 
@@ -194,6 +198,7 @@ class GenerationJob:
             "max_prompt_tokens": cfg.max_prompt_tokens or None,
             "max_tokens_cap": cfg.max_tokens_cap or None,
             "deadline": time.time() + cfg.queue_timeout,
+            **self._coalescing(cfg),
         }
         if self.request.kind == "chat":
             job["messages"] = self.request.messages
@@ -227,6 +232,14 @@ class GenerationJob:
         self.prompt_tokens = int(event.get("prompt_tokens", 0))
         self.admitted_at = time.monotonic()
         self.metrics.admitted(self.admitted_at - self.created)
+
+    def _coalescing(self, cfg) -> dict[str, Any]:
+        """How the worker may merge deltas (``Worker._pump``): tokens per delta after the first, and the longest
+        a delta may be held back for that. A reply that is not streamed needs only the first delta (its time to first
+        token) and a sign of life well within the event timeout; its text can come at the end."""
+        if self.transport == "rest":
+            return {"stream_interval": 0, "stream_hold": min(UNSTREAMED_HOLD_SECONDS, cfg.event_timeout / 4)}
+        return {"stream_interval": cfg.stream_interval, "stream_hold": min(STREAM_HOLD_SECONDS, cfg.event_timeout / 4)}
 
     async def _wait_admission(self, cfg) -> dict[str, Any] | None:
         """The worker's first event; scaled, give up early once no worker of the model is alive."""

@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
 JOB_CHANNEL_PREFIX = "tripod.generate."
@@ -44,6 +45,7 @@ class Config:
     event_timeout: float
     engine_step_timeout: float
     sse_keepalive: float
+    stream_interval: int
     stream_ttl: float
     stream_reader_timeout: float
     ws_max_inflight: int
@@ -83,6 +85,13 @@ def _optional_int(value) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def _at_least_one(name: str, value) -> int:
+    number = int(value)
+    if number < 1:
+        raise ImproperlyConfigured(f"{name} must be 1 or more; it is {number}.")
+    return number
+
+
 @cache
 def config() -> Config:
     raw = settings.TRIPOD
@@ -107,6 +116,7 @@ def config() -> Config:
         event_timeout=float(raw["EVENT_TIMEOUT"]),
         engine_step_timeout=float(raw["ENGINE_STEP_TIMEOUT"]),
         sse_keepalive=float(raw["SSE_KEEPALIVE"]),
+        stream_interval=_at_least_one("TRIPOD_STREAM_INTERVAL", raw.get("STREAM_INTERVAL", 1)),
         stream_ttl=float(raw.get("STREAM_TTL", 600)),
         stream_reader_timeout=float(raw.get("STREAM_READER_TIMEOUT", 30)),
         ws_max_inflight=int(raw["WS_MAX_INFLIGHT"]),

@@ -143,6 +143,7 @@ TRIPOD = {
     "EVENT_TIMEOUT": float(os.environ.get("TRIPOD_EVENT_TIMEOUT", "60")),
     "ENGINE_STEP_TIMEOUT": float(os.environ.get("TRIPOD_ENGINE_STEP_TIMEOUT", "60")),
     "SSE_KEEPALIVE": float(os.environ.get("TRIPOD_SSE_KEEPALIVE", "10")),
+    "STREAM_INTERVAL": int(os.environ.get("TRIPOD_STREAM_INTERVAL", "1")),
     "STREAM_TTL": float(os.environ.get("TRIPOD_STREAM_TTL", "600")),
     "STREAM_READER_TIMEOUT": float(os.environ.get("TRIPOD_STREAM_READER_TIMEOUT", "30")),
     "WS_MAX_INFLIGHT": int(os.environ.get("TRIPOD_WS_MAX_INFLIGHT", "8")),
