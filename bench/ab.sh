@@ -8,14 +8,14 @@
 #   SPEC is "DIR|ENV": a checkout (e.g. a `git worktree` of the commit to compare) and environment
 #   assignments for its server (TRIPOD_ENGINE defaults to hf-cb), or "PEER|FLAGS" for `transformers serve
 #   --continuous-batching` on the same tiny model (FLAGS, e.g. "--cb-max-batch-tokens 256", override its
-#   defaults here). C (16) and N (48) set concurrency and requests.
+#   defaults here). C (16), N (48) and TRANSPORT (sse; ws, rest) set concurrency, requests and transport.
 # Example: git worktree add /tmp/base HEAD~1 && bench/ab.sh var/ab 5 "/tmp/base|" ".|" "PEER|"
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:?usage: bench/ab.sh OUT_DIR ROUNDS SPEC...}; ROUNDS=${2:?rounds}; shift 2
 mkdir -p "$OUT"
 source "$HERE/bench/common.sh"
-LOAD=(--transport sse --prompt-len 128 --output-len 128 --no-progress --tokenizer "$TINY")
+LOAD=(--transport "${TRANSPORT:-sse}" --prompt-len 128 --output-len 128 --no-progress --tokenizer "$TINY")
 export TRIPOD_LOG_LEVEL=WARNING HF_HUB_OFFLINE=1
 pids=(); ports=(); declare -A peer; i=0
 for spec in "$@"; do

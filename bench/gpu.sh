@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # GPU benchmark: the server with a random-weight Llama-3.2-1B-shaped model (bf16, no download), 1, 16 and 64
 # concurrent SSE streams of 128-token prompts and 128 output tokens, for the hf and hf-cb engines.
-# Then the same load on hf-cb in-process (--direct, DIRECT_CONCURRENCY), for the server-overhead ratio.
-# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus server logs; under 6 minutes)
-# Override MODEL=random:path.json, CONCURRENCY="1 16 64" or DIRECT_CONCURRENCY="1 64" ("" skips it) to change
-# the load; PYTHON picks the interpreter.
+# Then the same load on hf-cb in-process (--direct, DIRECT_CONCURRENCY), for the server-overhead ratio, and
+# hf-cb variants that no CPU run can judge (VARIANTS): 4 tokens per streamed chunk at 64 streams
+# (stream4: TRIPOD_STREAM_INTERVAL=4) and attention padded to 1,024 cached tokens instead of 16,384 at 1 and 64
+# streams (kvpad1024: TRIPOD_CB_KV_PADDING=1024).
+# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus server logs; about 5 minutes, 7 with VARIANTS)
+# Override MODEL=random:path.json, CONCURRENCY="1 16 64", HF_CONCURRENCY="1 16", DIRECT_CONCURRENCY="1 64" or
+# VARIANTS="stream4 kvpad1024" ("" skips one) with VARIANT_CONCURRENCY=64 to change the load; PYTHON picks the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu.sh OUT_DIR}
@@ -12,6 +15,9 @@ mkdir -p "$OUT"
 PYTHON=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
+HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
+VARIANTS=${VARIANTS-"stream4 kvpad1024"}
+VARIANT_CONCURRENCY=${VARIANT_CONCURRENCY:-64}
 DIRECT_CONCURRENCY=${DIRECT_CONCURRENCY-"1 64"}
 PORT=${PORT:-8765}
 export HF_HUB_OFFLINE=1 TRIPOD_MODEL="$MODEL" TRIPOD_SLOTS=64 TRIPOD_LOG_LEVEL=WARNING
@@ -21,7 +27,7 @@ export TRIPOD_DB_PATH="$OUT/db.sqlite3"
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 
 bench() {  # name concurrency budget [extra args]: one run, its JSON in OUT/name-cC.json, a summary line
-    local name=$1 c=$2 budget=$3; shift 3
+    local name=$1 c=$2 budget=$3 n; shift 3
     # One wave for the slow engine, several for the batching one; each run has a time budget.
     [ "$name" = "hf" ] && n=$c || n=$(( c < 8 ? 8 : 4 * c ))
     timeout "$budget" "$PYTHON" -m tripod.bench --transport sse --concurrency "$c" --num-requests "$n" \
@@ -32,22 +38,30 @@ bench() {  # name concurrency budget [extra args]: one run, its JSON in OUT/name
     echo "$name c=$c: $("$PYTHON" -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('output_throughput', 'median_ttft_ms', 'median_itl_ms', 'failed', 'error')})" "$OUT/$name-c$c.json")"
 }
 
-run_engine() {  # engine budget [extra bench args]
-    local engine=$1 budget=$2; shift 2
-    TRIPOD_ENGINE=$engine "$PYTHON" -m daphne -b 127.0.0.1 -p "$PORT" tripod.asgi:application >"$OUT/server-$engine.log" 2>&1 &
+run_server() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget [extra bench args]: one server, its runs
+    local name=$1 envs=$2 levels=$3 budget=$4; shift 4
+    env $envs "$PYTHON" -m daphne -b 127.0.0.1 -p "$PORT" tripod.asgi:application >"$OUT/server-$name.log" 2>&1 &
     local pid=$!
     for _ in $(seq 300); do
         curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break
         sleep 1
     done
-    for c in $CONCURRENCY; do bench "$engine" "$c" "$budget" --url "http://127.0.0.1:$PORT" "$@"; done
+    for c in $levels; do bench "$name" "$c" "$budget" --url "http://127.0.0.1:$PORT" "$@"; done
     kill "$pid"; wait "$pid" 2>/dev/null
 }
 
 start=$(date +%s)
-run_engine hf-cb 60
+run_server hf-cb TRIPOD_ENGINE=hf-cb "$CONCURRENCY" 60
 for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf-cb --slots 64; done
-# hf cannot finish 16 or 64 streams in any useful time on a GPU (66 ms per token for one): each request gets 40 s,
-# and the run still writes its JSON (completed and failed counts) instead of being killed; one warm-up, not two.
-run_engine hf 75 --timeout 40 --warmup 1
+# hf cannot finish 64 streams in any useful time on a GPU (66 ms per token for one; 16 did not finish in 90 s on an
+# H100): each request gets 40 s, and the run still writes its JSON (completed and failed counts) instead of being
+# killed; one warm-up, not two.
+[ -n "$HF_CONCURRENCY" ] && run_server hf TRIPOD_ENGINE=hf "$HF_CONCURRENCY" 75 --timeout 40 --warmup 1
+for variant in $VARIANTS; do
+    case $variant in
+        stream4) run_server hf-cb-stream4 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=4" "$VARIANT_CONCURRENCY" 60 ;;
+        kvpad1024) run_server hf-cb-kvpad1024 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=1024" "1 $VARIANT_CONCURRENCY" 60 ;;
+        *) echo "unknown variant $variant" ;;
+    esac
+done
 echo "done in $(( $(date +%s) - start )) s; results in $OUT"
