@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 # After a client leaves, how long to wait for its worker's final usage report.
 DRAIN_SECONDS = 5.0
 # A streamed delta held back to gather TRIPOD_STREAM_INTERVAL tokens goes out once this much older than the last.
-STREAM_HOLD_SECONDS = 0.1
+STREAM_HOLD_SECONDS = 0.5
 # The longest a worker holds back the text of a reply that is not streamed.
 UNSTREAMED_HOLD_SECONDS = 1.0
 # One line per generation request: the access log of the API.
