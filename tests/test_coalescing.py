@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,7 +20,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from routing import application
-from tests.conftest import chat_body, sse_json
+from tests.conftest import ROOT, chat_body, sse_json
 from tests.inprocess import HTTPExchange
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -158,6 +161,19 @@ async def test_a_held_back_rest_reply_still_beats_a_short_event_timeout(chat_mod
         body = json.loads(await exchange.read_all())
     assert status == 200, body
     assert body["usage"]["completion_tokens"] == 12
+
+
+def test_a_process_with_a_stream_interval_below_one_stops_at_start():
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env={**os.environ, "TRIPOD_STREAM_INTERVAL": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "TRIPOD_STREAM_INTERVAL must be 1 or more; it is 0." in result.stderr
 
 
 def test_a_stream_interval_below_one_is_refused(settings):

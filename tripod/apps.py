@@ -4,3 +4,8 @@ from django.apps import AppConfig
 class TripodConfig(AppConfig):
     name = "tripod"
     verbose_name = "AI Tripod"
+
+    def ready(self) -> None:
+        from tripod.conf import config
+
+        config()  # a bad TRIPOD_* value stops the process at start, not each request with a 500
