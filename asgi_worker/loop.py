@@ -342,34 +342,17 @@ class Worker:
         """Relay deltas: the first at once, then one per ``interval`` tokens (0: as few as ``hold`` allows).
 
         Whatever arrived while the last send was in flight goes out as one delta. With ``interval`` other than 1, a
-        delta also waits for that many tokens, but goes out once ``hold`` seconds have passed since the last one sent
-        (checked as each new delta arrives, so a slow engine's tokens still go out as they come). The job names both.
+        delta also waits for that many tokens, but goes out once ``hold`` seconds have passed since the last one
+        (checked as each token arrives, so a slow engine's tokens still go out as they come). The job names both.
         """
         seq = 0
-        text: list[str] = []
-        tokens = 0
-        sent_at = 0.0
-        async with aclosing(stream.deltas_async()) as deltas:
+        async with aclosing(stream.deltas_async(interval, hold)) as deltas:
             async for delta in deltas:
-                text.append(delta.text)
-                tokens += delta.tokens
-                if interval != 1 and seq and (not interval or tokens < interval):
-                    now = time.monotonic()
-                    if now - sent_at < hold:
-                        continue
-                if not await self._send(reply, _delta_event(job_id, text, tokens, seq)):
-                    return  # the reader is gone: leaving the loop cancels the generation
+                message = {"type": events.DELTA, "id": job_id, "text": delta.text, "tokens": delta.tokens, "seq": seq}
                 seq += 1
-                text, tokens = [], 0
-                if interval != 1:
-                    sent_at = time.monotonic()
-        if (text or tokens) and not await self._send(reply, _delta_event(job_id, text, tokens, seq)):
-            return
+                if not await self._send(reply, message):
+                    return  # the reader is gone: leaving the loop cancels the generation
         if job_id in self._aborted:
             raise ServiceUnavailable("The worker shut down before this generation finished.", code="worker_shutdown")
         done = {"type": events.DONE, "id": job_id, "finish_reason": stream.finish_reason, "usage": stream.usage()}
         await self._send(reply, done)
-
-
-def _delta_event(job_id: str, text: list[str], tokens: int, seq: int) -> dict[str, Any]:
-    return {"type": events.DELTA, "id": job_id, "text": "".join(text), "tokens": tokens, "seq": seq}

@@ -7,6 +7,7 @@ OpenAI response shape are handled here once, so that engines only produce tokens
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import uuid
@@ -110,20 +111,39 @@ class RawGeneration:
 
 
 class _Inbox:
-    """Pushed items for one asyncio reader: ``put`` on the loop, ``take`` everything pending at once."""
+    """Pushed items for one asyncio reader: ``put`` on the loop, ``take`` everything pending at once.
+
+    ``take`` waits until the pending deltas hold ``min_tokens`` tokens, or the generation has ended, or a delta
+    arrives ``hold`` seconds or more after the last ``take``: a reader that merges tokens is woken once per merged
+    delta, not once per token.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.items: list[PushItem] = []
+        self.min_tokens: float = 1
+        self.hold = 0.0
+        self.taken_at = 0.0
+        self._tokens = 0
+        self._ended = False
         self._waiter: asyncio.Future | None = None
 
     def put(self, item: PushItem) -> None:
         self.items.append(item)
-        if self._waiter is not None and not self._waiter.done():
+        if isinstance(item, Delta):
+            self._tokens += item.tokens
+        else:
+            self._ended = True
+        if self._waiter is not None and not self._waiter.done() and self._ready():
             self._waiter.set_result(True)
 
+    def _ready(self) -> bool:
+        if self._ended or self._tokens >= self.min_tokens:
+            return bool(self.items)
+        return bool(self.items) and self.loop.time() - self.taken_at >= self.hold
+
     async def take(self, timeout: float | None) -> list[PushItem]:
-        if not self.items:
+        if not self._ready():
             self._waiter = self.loop.create_future()
             timer = None if timeout is None else self.loop.call_later(timeout, self._expire, self._waiter)
             try:
@@ -133,7 +153,8 @@ class _Inbox:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
-        items, self.items = self.items, []
+        items, self.items, self._tokens = self.items, [], 0
+        self.taken_at = self.loop.time()
         return items
 
     @staticmethod
@@ -189,14 +210,17 @@ class TokenStream:
         finally:
             self._finish()
 
-    async def deltas_async(self) -> AsyncIterator[Delta]:
+    async def deltas_async(self, interval: int = 1, hold: float = 0.0) -> AsyncIterator[Delta]:
         """The same deltas on the running event loop, each one everything that arrived since the last.
 
-        A reader that falls behind gets fewer, larger deltas instead of a backlog. Use it with
+        A reader that falls behind gets fewer, larger deltas instead of a backlog. After the first delta, each
+        waits for ``interval`` tokens (0: for the end), unless a token arrives ``hold`` seconds or more after the
+        previous delta (so a slow engine's tokens still come as they are made). Use it with
         ``contextlib.aclosing`` so that leaving early cancels the generation and frees its slot.
         """
         loop = asyncio.get_running_loop()
         inbox = _Inbox(loop)
+        inbox.hold = hold if interval != 1 else 0.0  # one token per delta: nothing to wait for
         self.raw.push_to(loop, inbox.put)
         ended = False
         try:
@@ -214,6 +238,7 @@ class TokenStream:
                         break
                 if text or tokens:
                     yield Delta("".join(text), tokens)
+                    inbox.min_tokens = interval or math.inf
         finally:
             if not ended:
                 self.raw.cancel()
