@@ -11,36 +11,20 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from routing import application
 from tests.conftest import ROOT, chat_body, sse_json
+from tests.faults import slow_forwards
 from tests.inprocess import HTTPExchange
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 TOKENS = 21
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
-
-
-@contextmanager
-def slow_forwards(chat_model, seconds: float) -> Iterator[None]:
-    """Fault injection: every forward pass (one per token) takes at least ``seconds``."""
-
-    def hook(module, args) -> None:
-        threading.Event().wait(seconds)
-
-    handle = chat_model.model.model.layers[0].register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 async def worker_events(chat_model, max_tokens: int = TOKENS, **job) -> list[dict]:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
 
 from routing import application
 from tests.conftest import chat_body, sse_events, sse_json
+from tests.faults import slow_forwards
 from tests.inprocess import HTTPExchange
 
 # Auth checks whether keys exist, so requests touch the database.
@@ -49,32 +46,11 @@ def test_without_include_usage_no_usage_field(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-@contextmanager
-def stalled_first_forward(chat_model, seconds: float) -> Iterator[None]:
-    """Fault injection: the next forward pass (a request's prefill) takes ``seconds``."""
-    calls = {"n": 0}
-
-    def hook(module, args):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            threading.Event().wait(seconds)
-
-    handle = chat_model.model.model.layers[0].register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-        # A test may end while the stall still holds its generation: leave the engine idle for the next one.
-        deadline = time.monotonic() + seconds + 10
-        while chat_model.active_generations and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
 @pytest.fixture
 def slow_prefill(chat_model, settings):
     """The first token of the next request comes after 0.6 s; keep-alives every 0.1 s."""
     settings.TRIPOD = {**settings.TRIPOD, "SSE_KEEPALIVE": 0.1}
-    with stalled_first_forward(chat_model, 0.6):
+    with slow_forwards(chat_model, 0.6, first_only=True):
         yield
 
 
@@ -91,7 +67,7 @@ async def test_keepalive_comments_while_waiting_for_the_first_token(slow_prefill
 def silent_worker(chat_model, settings):
     """The worker admits the request, then sends nothing for 1.5 s, three times the event timeout."""
     settings.TRIPOD = {**settings.TRIPOD, "SSE_KEEPALIVE": 0.1, "EVENT_TIMEOUT": 0.5}
-    with stalled_first_forward(chat_model, 1.5):
+    with slow_forwards(chat_model, 1.5, first_only=True):
         yield
 
 
