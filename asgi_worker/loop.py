@@ -339,11 +339,9 @@ class Worker:
             )
 
     async def _pump(self, job_id: str, reply: str, stream: TokenStream, interval: int = 1, hold: float = 0.0) -> None:
-        """Relay deltas: the first at once, then one per ``interval`` tokens (0: as few as ``hold`` allows).
+        """Relay the stream's deltas, merged as the job asks (``interval`` and ``hold``: ``TokenStream.deltas_async``).
 
-        Whatever arrived while the last send was in flight goes out as one delta. With ``interval`` other than 1, a
-        delta also waits for that many tokens, but goes out once ``hold`` seconds have passed since the last one
-        (checked as each token arrives, so a slow engine's tokens still go out as they come). The job names both.
+        Whatever arrived while the last send was in flight goes out as one delta.
         """
         seq = 0
         async with aclosing(stream.deltas_async(interval, hold)) as deltas:

@@ -7,7 +7,8 @@
 # streams (kvpad1024: TRIPOD_CB_KV_PADDING=1024).
 # Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus server logs; about 5 minutes, 7 with VARIANTS)
 # Override MODEL=random:path.json, CONCURRENCY="1 16 64", HF_CONCURRENCY="1 16", DIRECT_CONCURRENCY="1 64" or
-# VARIANTS="stream4 kvpad1024" ("" skips one) with VARIANT_CONCURRENCY=64 to change the load; PYTHON picks the interpreter.
+# VARIANTS="stream4 kvpad1024" ("" skips one) with VARIANT_CONCURRENCY=64 to change the load; PYTHON picks the
+# interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu.sh OUT_DIR}

@@ -138,9 +138,9 @@ class _Inbox:
             self._waiter.set_result(True)
 
     def _ready(self) -> bool:
-        if self._ended or self._tokens >= self.min_tokens:
-            return bool(self.items)
-        return bool(self.items) and self.loop.time() - self.taken_at >= self.hold
+        if not self.items:
+            return False
+        return self._ended or self._tokens >= self.min_tokens or self.loop.time() - self.taken_at >= self.hold
 
     async def take(self, timeout: float | None) -> list[PushItem]:
         if not self._ready():
