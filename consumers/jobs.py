@@ -234,9 +234,9 @@ class GenerationJob:
         self.metrics.admitted(self.admitted_at - self.created)
 
     def _coalescing(self, cfg) -> dict[str, Any]:
-        """How the worker may merge deltas (``Worker._pump``): tokens per delta after the first, and the longest
-        a delta may be held back for that. A reply that is not streamed needs only the first delta (its time to first
-        token) and a sign of life well within the event timeout; its text can come at the end."""
+        """How the worker may merge deltas (``TokenStream.deltas_async``): tokens per delta after the first, and the
+        longest a delta may be held back for that. A reply that is not streamed needs only the first delta (its time
+        to first token) and a sign of life well within the event timeout; its text can come at the end."""
         if self.transport == "rest":
             return {"stream_interval": 0, "stream_hold": min(UNSTREAMED_HOLD_SECONDS, cfg.event_timeout / 4)}
         return {"stream_interval": cfg.stream_interval, "stream_hold": min(STREAM_HOLD_SECONDS, cfg.event_timeout / 4)}

@@ -1,7 +1,7 @@
 """How the worker merges deltas: TRIPOD_STREAM_INTERVAL for streamed replies, the fewest events for REST ones.
 
 The real tiny model behind a real worker on the embedded channel layer; a slow engine is the model with a
-forward hook that sleeps (fault injection, as in test_sse).
+forward hook that sleeps (fault injection: tests/faults.py).
 """
 
 from __future__ import annotations
