@@ -2,13 +2,16 @@
 # GPU benchmark: the server with a random-weight Llama-3.2-1B-shaped model (bf16, no download), 1, 16 and 64
 # concurrent SSE streams of 128-token prompts and 128 output tokens, for the hf and hf-cb engines.
 # Then the same load on hf-cb in-process (--direct, DIRECT_CONCURRENCY), for the server-overhead ratio, and
-# hf-cb variants that no CPU run can judge (VARIANTS): 4 tokens per streamed chunk at 64 streams
-# (stream4: TRIPOD_STREAM_INTERVAL=4) and attention padded to 1,024 cached tokens instead of 16,384 at 1 and 64
-# streams (kvpad1024: TRIPOD_CB_KV_PADDING=1024).
-# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus server logs; about 5 minutes, 7 with VARIANTS)
-# Override MODEL=random:path.json, CONCURRENCY="1 16 64", HF_CONCURRENCY="1 16", DIRECT_CONCURRENCY="1 64" or
-# VARIANTS="stream4 kvpad1024" ("" skips one) with VARIANT_CONCURRENCY=64 to change the load; PYTHON picks the
-# interpreter.
+# hf-cb variants that no CPU run can judge (VARIANTS), each on a server of its own at 1 and VARIANT_CONCURRENCY
+# streams: kvpad1024 (TRIPOD_CB_KV_PADDING=1024: attention padded to 1,024 cached tokens, not 16,384), async
+# (TRIPOD_CB_ASYNC_BATCHING=on: the next step is prepared while the GPU runs this one), stream4
+# (TRIPOD_STREAM_INTERVAL=4: four tokens per streamed chunk; at VARIANT_CONCURRENCY only) and all three together.
+# Last, PROFILE_CONCURRENCY: short --direct runs under torch.profiler, their operator tables in
+# OUT/profile-direct-cC.txt.
+# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus server logs; about 8 minutes in all)
+# Override MODEL=random:path.json, CONCURRENCY="1 16 64", HF_CONCURRENCY="1 16", DIRECT_CONCURRENCY="1 64",
+# VARIANTS="kvpad1024 async stream4 all3", VARIANT_CONCURRENCY=64 or PROFILE_CONCURRENCY="1 64" ("" skips one)
+# to change the load; PYTHON picks the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu.sh OUT_DIR}
@@ -17,9 +20,10 @@ PYTHON=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
-VARIANTS=${VARIANTS-"stream4 kvpad1024"}
+VARIANTS=${VARIANTS-"kvpad1024 async stream4 all3"}
 VARIANT_CONCURRENCY=${VARIANT_CONCURRENCY:-64}
 DIRECT_CONCURRENCY=${DIRECT_CONCURRENCY-"1 64"}
+PROFILE_CONCURRENCY=${PROFILE_CONCURRENCY-"1 64"}
 PORT=${PORT:-8765}
 export HF_HUB_OFFLINE=1 TRIPOD_MODEL="$MODEL" TRIPOD_SLOTS=64 TRIPOD_LOG_LEVEL=WARNING
 export TRIPOD_DB_PATH="$OUT/db.sqlite3"
@@ -58,11 +62,22 @@ for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf
 # H100): each request gets 40 s, and the run still writes its JSON (completed and failed counts) instead of being
 # killed; one warm-up, not two.
 [ -n "$HF_CONCURRENCY" ] && run_server hf TRIPOD_ENGINE=hf "$HF_CONCURRENCY" 75 --timeout 40 --warmup 1
+both="1 $VARIANT_CONCURRENCY"
 for variant in $VARIANTS; do
     case $variant in
+        kvpad1024) run_server hf-cb-kvpad1024 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=1024" "$both" 60 ;;
+        async) run_server hf-cb-async "TRIPOD_ENGINE=hf-cb TRIPOD_CB_ASYNC_BATCHING=on" "$both" 60 ;;
         stream4) run_server hf-cb-stream4 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=4" "$VARIANT_CONCURRENCY" 60 ;;
-        kvpad1024) run_server hf-cb-kvpad1024 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=1024" "1 $VARIANT_CONCURRENCY" 60 ;;
+        all3) run_server hf-cb-all3 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=1024 TRIPOD_CB_ASYNC_BATCHING=on
+            TRIPOD_STREAM_INTERVAL=4" "$both" 60 ;;
         *) echo "unknown variant $variant" ;;
     esac
+done
+# A few requests each (the profiler slows the run): where a step's time goes, on the device and on the host.
+for c in $PROFILE_CONCURRENCY; do
+    timeout 90 "$PYTHON" -m tripod.bench --direct --engine hf-cb --slots 64 --concurrency "$c" --num-requests "$c" \
+        --prompt-len 128 --output-len 128 --warmup 2 --no-progress --profile "$OUT/profile-direct-c$c.txt" \
+        --out "$OUT/profile-direct-c$c.json" >/dev/null || echo "profile at c=$c failed or timed out"
+    echo "profile c=$c: $(wc -l <"$OUT/profile-direct-c$c.txt") lines in $OUT/profile-direct-c$c.txt"
 done
 echo "done in $(( $(date +%s) - start )) s; results in $OUT"

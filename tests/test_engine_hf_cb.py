@@ -9,7 +9,7 @@ from contextlib import aclosing
 
 import pytest
 
-from tripod.engines import ChatModel
+from tripod.engines import ChatModel, hf_cb
 from tripod.engines.hf_cb import leave_a_core_for_the_server, noise_key, uniform_noise
 from tripod.errors import EngineFailure, InvalidRequest
 
@@ -237,6 +237,44 @@ def test_kv_padding_reaches_the_batching_config(chat_model):
         assert padded.generate(MESSAGES, max_tokens=4, temperature=0)["usage"]["completion_tokens"] == 4
     finally:
         padded.manager.stop(block=True)
+
+
+def test_a_seeded_request_keys_its_noise_by_each_token_index(cb_model, monkeypatch):
+    """Token k's noise is keyed (seed, k), k counted from the prompt's end: the steps must not lag or repeat."""
+    steps = []
+
+    def recording_key(seed: int, step: int) -> int:
+        if seed == 4242:
+            steps.append(step)
+        return noise_key(seed, step)
+
+    monkeypatch.setattr(hf_cb, "noise_key", recording_key)
+    result = cb_model.generate(MESSAGES, max_tokens=9, temperature=1.0, seed=4242, ignore_eos=True)
+    assert result["usage"]["completion_tokens"] == 9
+    assert steps == list(range(9))
+
+
+def test_async_batching_setting_is_tri_state_and_needs_cuda(chat_model, caplog):
+    """``TRIPOD_CB_ASYNC_BATCHING``: ``auto`` leaves it to transformers; ``on`` on a CPU warns and runs in sync."""
+    assert [hf_cb.auto_or_flag(v) for v in ("auto", "AUTO", "1", "on", "true", "0", "off", "no")] == [
+        None,
+        None,
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    asked = ChatModel(engine="hf-cb", model_name="tiny", path=chat_model.tokenizer.name_or_path, cb_async_batching="on")
+    with caplog.at_level("WARNING", logger="tripod.engines.hf_cb"):
+        asked.load()
+    try:
+        assert asked.manager.continuous_batching_config.use_async_batching is False
+        assert "TRIPOD_CB_ASYNC_BATCHING needs a CUDA device" in caplog.text
+        assert asked.generate(MESSAGES, max_tokens=4, temperature=0)["usage"]["completion_tokens"] == 4
+    finally:
+        asked.manager.stop(block=True)
 
 
 def test_default_kv_padding_is_transformers_own(cb_model):

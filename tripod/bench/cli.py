@@ -14,7 +14,8 @@ import asyncio
 import json
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     direct.add_argument("--engine", default="hf", help="engine for --direct")
     direct.add_argument(
         "--slots", type=int, help="--direct: generations at once (default: TRIPOD_SLOTS or the engine's default)"
+    )
+    direct.add_argument(
+        "--profile",
+        type=Path,
+        help="--direct: run the measured requests under torch.profiler and write its table of operators, by self "
+        "time on the device (CPU without one), to this file",
     )
     return parser
 
@@ -179,7 +186,7 @@ def run_direct(args: argparse.Namespace) -> Run:
     )
     warmup, _ = run_threads(chat_model, warmup_prompts, 1, **load)
     bar, advance = progress_counter(args)
-    with bar:
+    with bar, profiled(args.profile):
         results, duration = run_threads(chat_model, measured, args.concurrency, on_result=advance, **load)
     return Run(
         "direct",
@@ -193,6 +200,30 @@ def run_direct(args: argparse.Namespace) -> Run:
         engine=chat_model.engine,
         slots=slots,
     )
+
+
+@contextmanager
+def profiled(table_path: Path | None) -> Iterator[None]:
+    """torch.profiler around the block when ``table_path`` is given; its operator table, the busiest first, goes there."""
+    if table_path is None:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile
+
+    on_cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    # The model runs on the engine's threads (the batching loop, generate threads), not on this one. Older torch
+    # builds lack the option; there the table holds device kernels and this thread's operators only.
+    try:
+        options = {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
+    except TypeError:
+        options = {}
+    with profile(activities=activities, **options) as profiler:
+        yield
+    sort_by = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90))
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:

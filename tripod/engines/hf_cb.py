@@ -61,6 +61,17 @@ def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)
 
 
+def sampling_step(state: Any) -> int:
+    """How many tokens the request generated before the one this step samples: its position past the prompt.
+
+    Read from the position, which advances when the step is prepared, not from the generated tokens: under async
+    batching those lag a step behind (the last step's token is still on the device), and when transformers soft-resets
+    a request they move into its prompt (``_true_initial_tokens`` keeps the prompt's own length).
+    """
+    prompt_length = getattr(state, "_true_initial_tokens", 0) or len(state.initial_tokens)
+    return state.position_offset - prompt_length
+
+
 class SeededGumbelSampler(ContinuousBatchingLogitsProcessor):
     """Per-request Gumbel-max noise: argmax(logprobs + Gumbel) draws from the (warped) distribution."""
 
@@ -74,7 +85,7 @@ class SeededGumbelSampler(ContinuousBatchingLogitsProcessor):
         keys = []
         for request in requests_with_new_token:
             seed = request.state.logit_processor_kwargs.get("seed")
-            keys.append(0 if seed is None else noise_key(seed, request.state.generated_len()))
+            keys.append(0 if seed is None else noise_key(seed, sampling_step(request.state)))
         return torch.tensor(keys, dtype=torch.int32, device="cpu")
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
@@ -142,6 +153,12 @@ class RequestSampling(ContinuousBatchingLogitsProcessorList):
         for processor, args in steps:
             rows = processor(rows, args)
         return rows if index is None else scores.index_copy(0, index, rows.to(scores.dtype))
+
+
+def auto_or_flag(value: Any) -> bool | None:
+    """A tri-state setting: ``auto`` is None (transformers decides); ``1``, ``true``, ``yes``, ``on`` are True."""
+    text = str(value).strip().lower()
+    return None if text == "auto" else text in ("1", "true", "yes", "on")
 
 
 def leave_a_core_for_the_server() -> int:
@@ -355,6 +372,7 @@ class HFContinuousBatchingModel(HFChatModel):
         self.cb_max_batch_tokens = options.get("cb_max_batch_tokens") or None
         self.cb_cuda_graph = options.get("cb_cuda_graph", "auto")
         self.cb_kv_padding = int(options.get("cb_kv_padding") or 0)
+        self.cb_async_batching = options.get("cb_async_batching", "auto")
         self.dispatch = StepDispatch()
 
     def load(self) -> None:
@@ -393,7 +411,14 @@ class HFContinuousBatchingModel(HFChatModel):
             # key/value heads for each query head (repeat_kv) unless told that the kernel takes grouped heads with a
             # mask. On CPU it does (on CUDA a mask sends GQA to the slow math kernel): 18% of a decode step here.
             os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-        use_graph = on_gpu if self.cb_cuda_graph == "auto" else self.cb_cuda_graph in (True, "1", "true", "yes")
+        graph_choice = auto_or_flag(self.cb_cuda_graph)
+        use_graph = on_gpu if graph_choice is None else graph_choice
+        # Async batching prepares step N+1 on the host while the device runs step N. transformers turns it on by itself
+        # only with flash attention (no mask): None leaves that choice to it. It needs CUDA (or XPU).
+        use_async = auto_or_flag(self.cb_async_batching)
+        if use_async and not on_gpu:
+            logger.warning("TRIPOD_CB_ASYNC_BATCHING needs a CUDA device; %s runs steps one after another", self.device)
+            use_async = False
         threads = torch.get_num_threads() if on_gpu else leave_a_core_for_the_server()
         cb_config = ContinuousBatchingConfig(
             num_blocks=self.cb_num_blocks,
@@ -402,6 +427,7 @@ class HFContinuousBatchingModel(HFChatModel):
             # With graphs, each step's attention reads the batch's KV tokens padded up to this (transformers'
             # default, 0, is 16384): one short stream reads 64 times what it holds (docs/BENCHMARKS.md, GPU).
             kv_padding_interval_size=self.cb_kv_padding,
+            use_async_batching=use_async,
             max_memory_percent=0.8,  # our processors make vocabulary-sized temporaries
             per_request_processors=False,
         )
@@ -426,12 +452,14 @@ class HFContinuousBatchingModel(HFChatModel):
         starter.join()
         self.manager = manager
         logger.info(
-            "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s kv_padding=%s torch_threads=%d",
+            "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s kv_padding=%s async=%s"
+            " torch_threads=%d",
             self.device,
             self.cb_num_blocks,
             self.cb_max_batch_tokens,
             use_graph,
             resolved.kv_padding_interval_size,
+            resolved.use_async_batching,
             threads,
         )
 
