@@ -2,16 +2,15 @@
 # GPU benchmark: the server with a random-weight Llama-3.2-1B-shaped model (bf16, no download), 1, 16 and 64
 # concurrent SSE streams of 128-token prompts and 128 output tokens, for the hf and hf-cb engines.
 # Then the same load on hf-cb in-process (--direct, DIRECT_CONCURRENCY), for the server-overhead ratio, and
-# hf-cb variants that no CPU run can judge (VARIANTS), each on a server of its own at 1 and VARIANT_CONCURRENCY
-# streams: kvpad1024 (TRIPOD_CB_KV_PADDING=1024: attention padded to 1,024 cached tokens, not 16,384), async
-# (TRIPOD_CB_ASYNC_BATCHING=on: the next step is prepared while the GPU runs this one), stream4
-# (TRIPOD_STREAM_INTERVAL=4: four tokens per streamed chunk; at VARIANT_CONCURRENCY only) and all three together.
+# hf-cb variants (VARIANTS), each on a server of its own: kvpad16384 (TRIPOD_CB_KV_PADDING=0, transformers' own
+# padding of attention to 16,384 cached tokens, at 1 and VARIANT_CONCURRENCY streams) and stream4
+# (TRIPOD_STREAM_INTERVAL=4, four tokens per streamed chunk, at VARIANT_CONCURRENCY).
 # Last, PROFILE_CONCURRENCY: short --direct runs under torch.profiler, their operator tables in
 # OUT/profile-direct-cC.txt.
-# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus server logs; about 8 minutes in all)
+# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus server logs; about 7 minutes on an H100)
 # Override MODEL=random:path.json, CONCURRENCY="1 16 64", HF_CONCURRENCY="1 16", DIRECT_CONCURRENCY="1 64",
-# VARIANTS="kvpad1024 async stream4 all3", VARIANT_CONCURRENCY=64 or PROFILE_CONCURRENCY="1 64" ("" skips one)
-# to change the load; PYTHON picks the interpreter.
+# VARIANTS="kvpad16384 stream4", VARIANT_CONCURRENCY=64 or PROFILE_CONCURRENCY="1 64" ("" skips one) to change
+# the load; PYTHON picks the interpreter. A device returns few files: pack OUT_DIR (tar) into the folder it returns.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu.sh OUT_DIR}
@@ -20,7 +19,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
-VARIANTS=${VARIANTS-"kvpad1024 async stream4 all3"}
+VARIANTS=${VARIANTS-"kvpad16384 stream4"}
 VARIANT_CONCURRENCY=${VARIANT_CONCURRENCY:-64}
 DIRECT_CONCURRENCY=${DIRECT_CONCURRENCY-"1 64"}
 PROFILE_CONCURRENCY=${PROFILE_CONCURRENCY-"1 64"}
@@ -62,14 +61,10 @@ for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf
 # H100): each request gets 40 s, and the run still writes its JSON (completed and failed counts) instead of being
 # killed; one warm-up, not two.
 [ -n "$HF_CONCURRENCY" ] && run_server hf TRIPOD_ENGINE=hf "$HF_CONCURRENCY" 75 --timeout 40 --warmup 1
-both="1 $VARIANT_CONCURRENCY"
 for variant in $VARIANTS; do
     case $variant in
-        kvpad1024) run_server hf-cb-kvpad1024 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=1024" "$both" 60 ;;
-        async) run_server hf-cb-async "TRIPOD_ENGINE=hf-cb TRIPOD_CB_ASYNC_BATCHING=on" "$both" 60 ;;
+        kvpad16384) run_server hf-cb-kvpad16384 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=0" "1 $VARIANT_CONCURRENCY" 60 ;;
         stream4) run_server hf-cb-stream4 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=4" "$VARIANT_CONCURRENCY" 60 ;;
-        all3) run_server hf-cb-all3 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=1024 TRIPOD_CB_ASYNC_BATCHING=on
-            TRIPOD_STREAM_INTERVAL=4" "$both" 60 ;;
         *) echo "unknown variant $variant" ;;
     esac
 done

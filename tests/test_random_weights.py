@@ -35,6 +35,27 @@ def test_random_model_from_a_config_streams_visible_tokens(tmp_path):
     assert model.tokenizer.decode([4000]) == " t4000"
 
 
+def test_the_bench_sizes_prompts_with_a_random_models_own_tokenizer(tmp_path, monkeypatch):
+    """Against a server of ``random:CONFIG``, prompts are cut to the exact token count, not approximated with words.
+
+    Word prompts for the 1B model were 294 tokens where 128 were asked: the GPU runs through the server did 2.3
+    times the prefill of their ``--direct`` runs (docs/BENCHMARKS.md, GPU).
+    """
+    from tripod.bench.prompts import build_prompts, chat_prompt_tokens, load_tokenizer
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    monkeypatch.setenv("TRIPOD_CACHE_DIR", str(tmp_path / "cache"))
+    tokenizer, name = load_tokenizer(None, f"random:{config}")
+    assert len(tokenizer) == 4096 and name == f"random:{config}"
+    prompts = build_prompts(3, 128, 0, tokenizer, name)
+    assert prompts.exact and prompts.tokenizer == name
+    assert [chat_prompt_tokens(tokenizer, p) for p in prompts.prompts] == [128] * 3
+    server = ChatModel(engine="hf", model_name="random", path=f"random:{config}", cache_dir=tmp_path / "cache")
+    server.load()
+    assert [len(server.encode([{"role": "user", "content": p}])) for p in prompts.prompts] == [128] * 3
+
+
 def test_the_shipped_llama_1b_config_has_the_benchmark_shape():
     from tests.processes import ROOT
 

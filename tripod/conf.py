@@ -37,7 +37,6 @@ class Config:
     cb_max_batch_tokens: int
     cb_cuda_graph: str
     cb_kv_padding: int
-    cb_async_batching: str
     eager_writes: bool
     cache_dir: Path
     max_body_bytes: int
@@ -108,8 +107,7 @@ def config() -> Config:
         cb_num_blocks=int(raw.get("CB_NUM_BLOCKS", 0)),
         cb_max_batch_tokens=int(raw.get("CB_MAX_BATCH_TOKENS", 0)),
         cb_cuda_graph=str(raw.get("CB_CUDA_GRAPH", "auto")),
-        cb_kv_padding=int(raw.get("CB_KV_PADDING", 0)),
-        cb_async_batching=str(raw.get("CB_ASYNC_BATCHING", "auto")),
+        cb_kv_padding=int(raw.get("CB_KV_PADDING", 1024)),
         eager_writes=bool(raw.get("EAGER_WRITES", True)),
         cache_dir=Path(raw["CACHE_DIR"]).expanduser(),
         max_body_bytes=int(raw["MAX_BODY_BYTES"]),

@@ -127,9 +127,7 @@ TRIPOD = {
     "CB_MAX_BATCH_TOKENS": int(os.environ.get("TRIPOD_CB_MAX_BATCH_TOKENS", "0")),
     "CB_CUDA_GRAPH": os.environ.get("TRIPOD_CB_CUDA_GRAPH", "auto"),
     # hf-cb with CUDA graphs: KV tokens a step reads, padded up to a multiple of this; 0: transformers' 16384.
-    "CB_KV_PADDING": int(os.environ.get("TRIPOD_CB_KV_PADDING", "0")),
-    # hf-cb on CUDA: prepare the next step while the GPU runs this one; auto: transformers' choice (on with flash).
-    "CB_ASYNC_BATCHING": os.environ.get("TRIPOD_CB_ASYNC_BATCHING", "auto"),
+    "CB_KV_PADDING": int(os.environ.get("TRIPOD_CB_KV_PADDING", "1024")),
     # daphne sends a response chunk at once when nothing is queued ahead of it (tripod/eager_writes.py).
     "EAGER_WRITES": os.environ.get("TRIPOD_EAGER_WRITES", "1") != "0",
     "CACHE_DIR": os.environ.get("TRIPOD_CACHE_DIR", str(Path.home() / ".cache" / "tripod")),

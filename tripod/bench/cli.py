@@ -204,7 +204,7 @@ def run_direct(args: argparse.Namespace) -> Run:
 
 @contextmanager
 def profiled(table_path: Path | None) -> Iterator[None]:
-    """torch.profiler around the block when ``table_path`` is given; its operator table, the busiest first, goes there."""
+    """torch.profiler around the block when ``table_path`` is given; its operator table, busiest first, goes there."""
     if table_path is None:
         yield
         return

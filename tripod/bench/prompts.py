@@ -58,8 +58,11 @@ def load_tokenizer(name: str | None, model: str | None) -> tuple[Any, str] | Non
     try:
         from transformers import AutoTokenizer
 
+        from tripod.engines.random_weights import is_random, random_model_tokenizer
         from tripod.engines.tiny import TINY_NAME, resolve_model_path
 
+        if is_random(source):  # the server's tokenizer for it is built locally, like the model (no download)
+            return random_model_tokenizer(source, default_cache_dir())[0], source
         path = resolve_model_path(source, default_cache_dir()) if source == TINY_NAME else source
         return AutoTokenizer.from_pretrained(path, local_files_only=True), source
     except Exception as exc:  # noqa: BLE001 - any failure means "approximate with words"

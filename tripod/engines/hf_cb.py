@@ -40,6 +40,10 @@ from tripod.protocol import SamplingParams
 logger = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
+# With CUDA graphs, each step's attention reads the batch's cached tokens padded up to a multiple of this. transformers'
+# own 16384 (0 asks for it) made one short stream read 64 times what it holds: on an H100, 1,024 gave 1.8x the
+# tokens per second of one stream and 1.1x at 64 streams, for more captured graphs (docs/BENCHMARKS.md, GPU).
+KV_PADDING = 1024
 
 
 def noise_key(seed: int, step: int) -> int:
@@ -65,8 +69,9 @@ def sampling_step(state: Any) -> int:
     """How many tokens the request generated before the one this step samples: its position past the prompt.
 
     Read from the position, which advances when the step is prepared, not from the generated tokens: under async
-    batching those lag a step behind (the last step's token is still on the device), and when transformers soft-resets
-    a request they move into its prompt (``_true_initial_tokens`` keeps the prompt's own length).
+    batching (transformers' choice with flash attention) those lag a step behind, the last step's token being still on
+    the device; and when transformers soft-resets a request they move into its prompt (``_true_initial_tokens`` keeps
+    the prompt's own length).
     """
     prompt_length = getattr(state, "_true_initial_tokens", 0) or len(state.initial_tokens)
     return state.position_offset - prompt_length
@@ -371,8 +376,8 @@ class HFContinuousBatchingModel(HFChatModel):
         self.cb_num_blocks = options.get("cb_num_blocks") or None
         self.cb_max_batch_tokens = options.get("cb_max_batch_tokens") or None
         self.cb_cuda_graph = options.get("cb_cuda_graph", "auto")
-        self.cb_kv_padding = int(options.get("cb_kv_padding") or 0)
-        self.cb_async_batching = options.get("cb_async_batching", "auto")
+        kv_padding = options.get("cb_kv_padding")
+        self.cb_kv_padding = KV_PADDING if kv_padding is None else int(kv_padding)
         self.dispatch = StepDispatch()
 
     def load(self) -> None:
@@ -413,21 +418,13 @@ class HFContinuousBatchingModel(HFChatModel):
             os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         graph_choice = auto_or_flag(self.cb_cuda_graph)
         use_graph = on_gpu if graph_choice is None else graph_choice
-        # Async batching prepares step N+1 on the host while the device runs step N. transformers turns it on by itself
-        # only with flash attention (no mask): None leaves that choice to it. It needs CUDA (or XPU).
-        use_async = auto_or_flag(self.cb_async_batching)
-        if use_async and not on_gpu:
-            logger.warning("TRIPOD_CB_ASYNC_BATCHING needs a CUDA device; %s runs steps one after another", self.device)
-            use_async = False
         threads = torch.get_num_threads() if on_gpu else leave_a_core_for_the_server()
         cb_config = ContinuousBatchingConfig(
             num_blocks=self.cb_num_blocks,
             max_batch_tokens=self.cb_max_batch_tokens,
             use_cuda_graph=use_graph,
-            # With graphs, each step's attention reads the batch's KV tokens padded up to this (transformers'
-            # default, 0, is 16384): one short stream reads 64 times what it holds (docs/BENCHMARKS.md, GPU).
+            # With graphs, each step's attention reads the batch's KV tokens padded up to a multiple of this.
             kv_padding_interval_size=self.cb_kv_padding,
-            use_async_batching=use_async,
             max_memory_percent=0.8,  # our processors make vocabulary-sized temporaries
             per_request_processors=False,
         )

@@ -37,10 +37,15 @@ def padded_tokenizer_dir(vocab_size: int, cache_dir: Path) -> Path:
     return build_once(cache_dir, f"random-tokenizer-v2-{vocab_size}", "tokenizer_config.json", build)
 
 
+def random_model_tokenizer(spec: str, cache_dir: Path):
+    """The tokenizer of ``random:CONFIG``: the one the server encodes prompts with (and the bench sizes them with)."""
+    config = AutoConfig.from_pretrained(spec[len(PREFIX) :])
+    return AutoTokenizer.from_pretrained(padded_tokenizer_dir(config.vocab_size, cache_dir)), config
+
+
 def load_random_model(spec: str, cache_dir: Path, device: str, dtype: torch.dtype):
     """Tokenizer and randomly initialised model for ``random:CONFIG``; weights are created on ``device``."""
-    config = AutoConfig.from_pretrained(spec[len(PREFIX) :])
-    tokenizer = AutoTokenizer.from_pretrained(padded_tokenizer_dir(config.vocab_size, cache_dir))
+    tokenizer, config = random_model_tokenizer(spec, cache_dir)
     torch.manual_seed(SEED)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
