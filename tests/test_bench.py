@@ -139,6 +139,15 @@ def test_direct_runs_the_same_load_on_the_engine_in_process():
     assert_complete_run(report)
 
 
+def test_direct_profile_tables_the_engine_threads_operators(tmp_path):
+    """--profile: the model runs on the engine's threads, so a table of this thread alone would hold no matmul."""
+    table = tmp_path / "profile.txt"
+    report = bench("--direct", "--model", "tiny", "--engine", "hf-cb", "--profile", str(table))
+    assert_complete_run(report)
+    text = table.read_text()
+    assert "Self CPU" in text and "aten::mm" in text
+
+
 def test_percentile_matches_numpy():
     rng = random.Random(7)
     for size in (1, 2, 5, 100, 1001):
