@@ -72,7 +72,7 @@ done
 for c in $PROFILE_CONCURRENCY; do
     timeout 90 "$PYTHON" -m tripod.bench --direct --engine hf-cb --slots 64 --concurrency "$c" --num-requests "$c" \
         --prompt-len 128 --output-len 128 --warmup 2 --no-progress --profile "$OUT/profile-direct-c$c.txt" \
-        --out "$OUT/profile-direct-c$c.json" >/dev/null || echo "profile at c=$c failed or timed out"
-    echo "profile c=$c: $(wc -l <"$OUT/profile-direct-c$c.txt") lines in $OUT/profile-direct-c$c.txt"
+        --out "$OUT/profile-direct-c$c.json" >/dev/null \
+        && echo "profile c=$c: $OUT/profile-direct-c$c.txt" || echo "profile c=$c: failed or timed out"
 done
 echo "done in $(( $(date +%s) - start )) s; results in $OUT"

@@ -137,8 +137,7 @@ async def test_a_rest_request_costs_two_deltas_and_loses_no_text(chat_model, mon
 async def test_a_held_back_rest_reply_still_beats_a_short_event_timeout(chat_model, settings):
     """Holding text back must not look like a silent worker: the hold stays well inside the event timeout."""
     settings.TRIPOD = {**settings.TRIPOD, "EVENT_TIMEOUT": 0.6}
-    # 12 tokens: about 1.2 s, twice the event timeout. Greedy, because hf's streamer releases text at word ends only,
-    # and sampled text may hold a word longer than the timeout; this greedy text is one word per token.
+    # 12 tokens: about 1.2 s, twice the event timeout.
     with slow_forwards(chat_model, 0.1):
         exchange = HTTPExchange(application, "/v1/chat/completions", chat_body(max_tokens=12, temperature=0))
         status = await exchange.start()

@@ -45,6 +45,47 @@ def test_greedy_is_deterministic_and_usage_is_exact(chat_model):
     assert first["choices"][0]["message"]["content"] == expected
 
 
+def test_text_streams_token_by_token_and_matches_the_whole_reply(chat_model):
+    stream = chat_model.stream(MESSAGES, max_tokens=20, temperature=0, ignore_eos=True)
+    deltas = list(stream)
+    assert stream.completion_tokens == 20 and sum(d.tokens for d in deltas) == 20
+    assert sum(1 for d in deltas if d.text) >= 18
+    whole = chat_model.generate(MESSAGES, max_tokens=20, temperature=0, ignore_eos=True)
+    assert "".join(d.text for d in deltas) == whole["choices"][0]["message"]["content"]
+
+
+def stream_tokens(tokenizer, ids: list[int]) -> list[tuple[str, int]]:
+    """What ``generate`` would hand the hf engine's streamer for ``ids``, read back as its pieces."""
+    from tripod.engines.hf import TokenStreamer
+
+    streamer = TokenStreamer(tokenizer, set(), timeout=1.0)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # generate's first call: the prompt, not streamed
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    pieces = list(streamer)
+    assert sum(tokens for _, tokens in pieces) == len(ids) == streamer.generated
+    return pieces
+
+
+def test_punctuation_is_not_held_back_to_a_word_end(chat_model):
+    """transformers' TextIteratorStreamer holds text with punctuation until the next space: a stream of
+    sampled symbols could stay silent longer than TRIPOD_EVENT_TIMEOUT. Every token's text goes out at once."""
+    ids = chat_model.tokenizer.encode("a,b;c(d)e.f!g", add_special_tokens=False)
+    pieces = stream_tokens(chat_model.tokenizer, ids)
+    assert "".join(text for text, _ in pieces) == "a,b;c(d)e.f!g"
+    assert len(pieces) == len(ids), pieces
+
+
+def test_a_split_character_waits_for_its_last_byte(chat_model):
+    """A character made of several byte tokens is sent whole, never as a replacement character."""
+    ids = chat_model.tokenizer.encode("naïve 日本", add_special_tokens=False)
+    pieces = stream_tokens(chat_model.tokenizer, ids)
+    assert "".join(text for text, _ in pieces) == "naïve 日本"
+    assert all("\ufffd" not in text for text, _ in pieces)
+    assert len(pieces) < len(ids)  # the byte tokens of one character arrive as one piece
+
+
 def test_same_seed_same_output_even_when_requests_overlap(chat_model):
     alone = text_of(chat_model, max_tokens=24, temperature=1.0, seed=7)
     assert alone == text_of(chat_model, max_tokens=24, temperature=1.0, seed=7)

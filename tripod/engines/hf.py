@@ -1,6 +1,6 @@
 """The transformers engine: one ``generate`` call per request, on its own thread.
 
-``generate`` runs on a thread and feeds a ``TextIteratorStreamer``; the reader waits at most
+``generate`` runs on a thread and feeds a ``TokenStreamer``; the reader waits at most
 ``engine_step_timeout`` for each piece, so a ``generate`` that crashes or hangs never hangs a client.
 A ``StoppingCriteria`` tied to the request's cancel event stops the model within one decode step.
 """
@@ -21,13 +21,14 @@ from transformers import (
     GenerationConfig,
     StoppingCriteria,
     StoppingCriteriaList,
-    TextIteratorStreamer,
 )
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from tripod.engines.base import ChatModel, Delta, Prompt, RawGeneration
 from tripod.engines.random_weights import is_random, load_random_model
 from tripod.engines.sampling import build_logits_processors
+from tripod.engines.text import IncrementalDetokenizer
 from tripod.engines.tiny import resolve_model_path
 from tripod.errors import ContextLengthExceeded, EngineFailure, InvalidRequest
 from tripod.protocol import SamplingParams
@@ -54,45 +55,66 @@ class _Failure:
         self.exc = exc
 
 
-class CountingStreamer(TextIteratorStreamer):
-    """A ``TextIteratorStreamer`` that also counts tokens, sees EOS, and carries generate's errors."""
+_END = object()
+
+
+class TokenStreamer(BaseStreamer):
+    """What ``generate`` streams, as ``(text, tokens)`` pieces for a reader on another thread.
+
+    Each generated token is decoded as it comes (``IncrementalDetokenizer``, as in ``hf-cb``), so its text goes
+    out at once; a character split over byte tokens waits for its last byte. transformers' ``TextIteratorStreamer``
+    held text with punctuation or symbols back until the next space, which could keep a stream silent for many
+    tokens, and decoded everything since the last line on every token. This one also counts tokens, sees EOS and
+    carries generate's errors. The reader waits at most ``timeout`` for each piece.
+    """
 
     def __init__(self, tokenizer, eos_ids: set[int], timeout: float) -> None:
-        super().__init__(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.eos_ids = eos_ids
+        self.timeout = timeout
         self.generated = 0
         self.saw_eos = False
-        self._pending = 0
+        self._prompt_seen = False
+        self._pending = 0  # tokens whose text is still held back (an incomplete character)
+        self._queue: queue.Queue = queue.Queue()
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.next_tokens_are_prompt:
-            tokens = value.reshape(-1).tolist()
-            self.generated += len(tokens)
-            self._pending += len(tokens)
-            if tokens and tokens[-1] in self.eos_ids:
-                self.saw_eos = True
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text or stream_end:
-            self.text_queue.put((text, self._pending), timeout=self.timeout)
+        if not self._prompt_seen:  # generate's first call hands over the prompt
+            self._prompt_seen = True
+            return
+        tokens = value.reshape(-1).tolist()
+        self.generated += len(tokens)
+        self._pending += len(tokens)
+        if tokens and tokens[-1] in self.eos_ids:
+            self.saw_eos = True
+        text = self.detokenizer.add(tokens)
+        if text:
+            self._queue.put((text, self._pending))
             self._pending = 0
-        if stream_end:
-            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+
+    def end(self) -> None:
+        text = self.detokenizer.flush()
+        if text or self._pending:
+            self._queue.put((text, self._pending))
+            self._pending = 0
+        self._queue.put(_END)
 
     def fail(self, exc: BaseException) -> None:
-        self.text_queue.put(_Failure(exc))
+        self._queue.put(_Failure(exc))
 
-    def __next__(self) -> tuple[str, int]:
-        try:
-            value = self.text_queue.get(timeout=self.timeout)
-        except queue.Empty:
-            raise EngineFailure(f"The engine produced nothing for {self.timeout:g} s.", code="engine_timeout") from None
-        if value is self.stop_signal:
-            raise StopIteration
-        if isinstance(value, _Failure):
-            raise EngineFailure(f"The engine failed: {value.exc}", code="engine_error") from value.exc
-        return value
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        while True:
+            try:
+                value = self._queue.get(timeout=self.timeout)
+            except queue.Empty:
+                raise EngineFailure(
+                    f"The engine produced nothing for {self.timeout:g} s.", code="engine_timeout"
+                ) from None
+            if value is _END:
+                return
+            if isinstance(value, _Failure):
+                raise EngineFailure(f"The engine failed: {value.exc}", code="engine_error") from value.exc
+            yield value
 
 
 class CancelCriteria(StoppingCriteria):
@@ -114,7 +136,7 @@ class HFGeneration(RawGeneration):
     def __init__(self, model: HFChatModel, input_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
         super().__init__()
         self.prompt_tokens = len(input_ids)
-        self.streamer = CountingStreamer(model.tokenizer, model.eos_ids, model.step_timeout)
+        self.streamer = TokenStreamer(model.tokenizer, model.eos_ids, model.step_timeout)
         device = model.device
         ids = torch.tensor([input_ids], dtype=torch.long, device=device)
         generation_config = GenerationConfig(

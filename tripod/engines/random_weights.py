@@ -38,7 +38,8 @@ def padded_tokenizer_dir(vocab_size: int, cache_dir: Path) -> Path:
 
 
 def random_model_tokenizer(spec: str, cache_dir: Path):
-    """The tokenizer of ``random:CONFIG``: the one the server encodes prompts with (and the bench sizes them with)."""
+    """The tokenizer of ``random:CONFIG`` (the one the server encodes prompts with, and the bench sizes them with),
+    and the model's config."""
     config = AutoConfig.from_pretrained(spec[len(PREFIX) :])
     return AutoTokenizer.from_pretrained(padded_tokenizer_dir(config.vocab_size, cache_dir)), config
 
