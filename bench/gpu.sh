@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # GPU benchmark: the server with a random-weight Llama-3.2-1B-shaped model (bf16, no download), 1, 16 and 64
-# concurrent SSE streams of 128-token prompts and 128 output tokens, for the hf and hf-cb engines.
-# Then the same load on hf-cb in-process (--direct, DIRECT_CONCURRENCY), for the server-overhead ratio, and
-# hf-cb variants (VARIANTS), each on a server of its own: kvpad16384 (TRIPOD_CB_KV_PADDING=0, transformers' own
-# padding of attention to 16,384 cached tokens, at 1 and VARIANT_CONCURRENCY streams) and stream4
-# (TRIPOD_STREAM_INTERVAL=4, four tokens per streamed chunk, at VARIANT_CONCURRENCY).
-# Last, PROFILE_CONCURRENCY: short --direct runs under torch.profiler, their operator tables in
-# OUT/profile-direct-cC.txt.
-# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus server logs; about 7 minutes on an H100)
-# Override MODEL=random:path.json, CONCURRENCY="1 16 64", HF_CONCURRENCY="1 16", DIRECT_CONCURRENCY="1 64",
-# VARIANTS="kvpad16384 stream4", VARIANT_CONCURRENCY=64 or PROFILE_CONCURRENCY="1 64" ("" skips one) to change
-# the load; PYTHON picks the interpreter. A device returns few files: pack OUT_DIR (tar) into the folder it returns.
+# concurrent SSE streams of 128-token prompts and 128 output tokens. In this order, so that a device call that runs
+# out of time loses the least:
+#   1. hf-cb through the server (CONCURRENCY), then in-process (--direct, DIRECT_CONCURRENCY) for the overhead ratio;
+#   2. hf-cb variants (VARIANTS), each on servers of their own, at 1 and VARIANT_CONCURRENCY streams:
+#      scaled: the engine in a process of its own (python -m asgi_worker) behind Redis, then the same with stream4
+#        at VARIANT_CONCURRENCY; REDIS_SERVER names the binary (default: redis-server, else the one that
+#        bench/gpu_wheels.sh packs);
+#      stream4: TRIPOD_STREAM_INTERVAL=4, four tokens per streamed chunk (at VARIANT_CONCURRENCY only);
+#      kvpad16384: TRIPOD_CB_KV_PADDING=0, transformers' own padding of attention to 16,384 cached tokens;
+#   3. short --direct runs under torch.profiler (PROFILE_CONCURRENCY), tables in OUT/profile-direct-cC.txt;
+#   4. hf through the server (HF_CONCURRENCY).
+# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus logs; about 9 minutes on an H100, 7 without hf)
+# Override MODEL=random:path.json, CONCURRENCY="1 16 64", DIRECT_CONCURRENCY="1 64", VARIANTS="scaled stream4
+# kvpad16384", VARIANT_CONCURRENCY=64, PROFILE_CONCURRENCY="1 64" or HF_CONCURRENCY="1 16" ("" skips one) to
+# change the load; PYTHON picks the interpreter. A device returns few files: pack OUT_DIR (tar) into its folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu.sh OUT_DIR}
@@ -19,11 +23,12 @@ PYTHON=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
-VARIANTS=${VARIANTS-"kvpad16384 stream4"}
+VARIANTS=${VARIANTS-"scaled stream4 kvpad16384"}
 VARIANT_CONCURRENCY=${VARIANT_CONCURRENCY:-64}
 DIRECT_CONCURRENCY=${DIRECT_CONCURRENCY-"1 64"}
 PROFILE_CONCURRENCY=${PROFILE_CONCURRENCY-"1 64"}
 PORT=${PORT:-8765}
+REDIS_SERVER=${REDIS_SERVER:-$(command -v redis-server || echo .whl/redis/redis-server)}
 export HF_HUB_OFFLINE=1 TRIPOD_MODEL="$MODEL" TRIPOD_SLOTS=64 TRIPOD_LOG_LEVEL=WARNING
 export TRIPOD_DB_PATH="$OUT/db.sqlite3"
 "$PYTHON" manage.py migrate --noinput -v 0
@@ -54,17 +59,28 @@ run_server() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget [extra bench args]
     kill "$pid"; wait "$pid" 2>/dev/null
 }
 
+run_scaled() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget: Redis, a python -m asgi_worker, a daphne, their runs
+    local name=$1 envs=$2 levels=$3 budget=$4 url="redis://127.0.0.1:$((PORT + 1))/0"; shift 4
+    LD_LIBRARY_PATH="$(dirname "$REDIS_SERVER")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$REDIS_SERVER" \
+        --port $((PORT + 1)) --bind 127.0.0.1 --save "" --appendonly no >"$OUT/redis-$name.log" 2>&1 &
+    local redis=$!
+    env $envs REDIS_URL="$url" "$PYTHON" -m asgi_worker --slots 64 >"$OUT/worker-$name.log" 2>&1 &
+    local worker=$!
+    run_server "$name" "$envs REDIS_URL=$url" "$levels" "$budget"
+    kill "$worker"; wait "$worker" 2>/dev/null
+    kill "$redis"; wait "$redis" 2>/dev/null
+}
+
 start=$(date +%s)
 run_server hf-cb TRIPOD_ENGINE=hf-cb "$CONCURRENCY" 60
 for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf-cb --slots 64; done
-# hf cannot finish 64 streams in any useful time on a GPU (66 ms per token for one; 16 did not finish in 90 s on an
-# H100): each request gets 40 s, and the run still writes its JSON (completed and failed counts) instead of being
-# killed; one warm-up, not two.
-[ -n "$HF_CONCURRENCY" ] && run_server hf TRIPOD_ENGINE=hf "$HF_CONCURRENCY" 75 --timeout 40 --warmup 1
 for variant in $VARIANTS; do
     case $variant in
         kvpad16384) run_server hf-cb-kvpad16384 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=0" "1 $VARIANT_CONCURRENCY" 60 ;;
         stream4) run_server hf-cb-stream4 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=4" "$VARIANT_CONCURRENCY" 60 ;;
+        scaled)
+            run_scaled hf-cb-scaled "TRIPOD_ENGINE=hf-cb" "1 $VARIANT_CONCURRENCY" 60
+            run_scaled hf-cb-scaled-stream4 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=4" "$VARIANT_CONCURRENCY" 60 ;;
         *) echo "unknown variant $variant" ;;
     esac
 done
@@ -75,4 +91,8 @@ for c in $PROFILE_CONCURRENCY; do
         --out "$OUT/profile-direct-c$c.json" >/dev/null \
         && echo "profile c=$c: $OUT/profile-direct-c$c.txt" || echo "profile c=$c: failed or timed out"
 done
+# Last, since it changes least and a device call that runs out of time cuts the end: hf cannot finish 64 streams in
+# any useful time on a GPU (66 ms per token for one; 16 did not finish in 90 s on an H100), so each request gets
+# 40 s, and the run still writes its JSON (completed and failed counts) instead of being killed; one warm-up.
+[ -n "$HF_CONCURRENCY" ] && run_server hf TRIPOD_ENGINE=hf "$HF_CONCURRENCY" 75 --timeout 40 --warmup 1
 echo "done in $(( $(date +%s) - start )) s; results in $OUT"
