@@ -254,7 +254,7 @@ def test_kv_padding_reaches_the_batching_config(chat_model):
         own.manager.stop(block=True)
 
 
-def test_kv_padding_is_1024_by_default(cb_model, settings):
+def test_kv_padding_is_1024_by_default(cb_model):
     """Measured on an H100: 1.8x one stream's tokens per second against transformers' 16384 (docs/BENCHMARKS.md)."""
     assert cb_model.manager.continuous_batching_config.kv_padding_interval_size == 1024
     from tripod.conf import config

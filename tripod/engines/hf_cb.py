@@ -160,12 +160,6 @@ class RequestSampling(ContinuousBatchingLogitsProcessorList):
         return rows if index is None else scores.index_copy(0, index, rows.to(scores.dtype))
 
 
-def auto_or_flag(value: Any) -> bool | None:
-    """A tri-state setting: ``auto`` is None (transformers decides); ``1``, ``true``, ``yes``, ``on`` are True."""
-    text = str(value).strip().lower()
-    return None if text == "auto" else text in ("1", "true", "yes", "on")
-
-
 def leave_a_core_for_the_server() -> int:
     """On CPU, give torch's intra-op pool one core fewer than this process may use (at least one); return its size.
 
@@ -416,15 +410,13 @@ class HFContinuousBatchingModel(HFChatModel):
             # key/value heads for each query head (repeat_kv) unless told that the kernel takes grouped heads with a
             # mask. On CPU it does (on CUDA a mask sends GQA to the slow math kernel): 18% of a decode step here.
             os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-        graph_choice = auto_or_flag(self.cb_cuda_graph)
-        use_graph = on_gpu if graph_choice is None else graph_choice
+        use_graph = on_gpu if self.cb_cuda_graph == "auto" else self.cb_cuda_graph in (True, "1", "true", "yes")
         threads = torch.get_num_threads() if on_gpu else leave_a_core_for_the_server()
         cb_config = ContinuousBatchingConfig(
             num_blocks=self.cb_num_blocks,
             max_batch_tokens=self.cb_max_batch_tokens,
             use_cuda_graph=use_graph,
-            # With graphs, each step's attention reads the batch's KV tokens padded up to a multiple of this.
-            kv_padding_interval_size=self.cb_kv_padding,
+            kv_padding_interval_size=self.cb_kv_padding,  # KV_PADDING says why 1024
             max_memory_percent=0.8,  # our processors make vocabulary-sized temporaries
             per_request_processors=False,
         )
