@@ -2,7 +2,9 @@
 # GPU benchmark: the server with a random-weight Llama-3.2-1B-shaped model (bf16, no download), 1, 16 and 64
 # concurrent SSE streams of 128-token prompts and 128 output tokens. In this order, so that a device call that runs
 # out of time loses the least:
-#   1. hf-cb through the server (CONCURRENCY), then in-process (--direct, DIRECT_CONCURRENCY) for the overhead ratio;
+#   0. bench/gpu_checks.py: hf-cb's sampling under captured CUDA graphs, and each sampling chain's cost (checks.json);
+#   1. hf-cb through the server (CONCURRENCY, greedy as vLLM's bench; then SAMPLED_CONCURRENCY at temperature 1),
+#      then in-process (--direct, DIRECT_CONCURRENCY) for the overhead ratio;
 #   2. hf-cb variants (VARIANTS), each on servers of their own, at 1 and VARIANT_CONCURRENCY streams:
 #      scaled: the engine in a process of its own (python -m asgi_worker) behind Redis, then the same with stream4
 #        at VARIANT_CONCURRENCY; REDIS_SERVER names the binary (default: redis-server, else the one that
@@ -12,9 +14,10 @@
 #   3. short --direct runs under torch.profiler (PROFILE_CONCURRENCY), tables in OUT/profile-direct-cC.txt;
 #   4. hf through the server (HF_CONCURRENCY).
 # Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus logs; about 9 minutes on an H100, 7 without hf)
-# Override MODEL=random:path.json, CONCURRENCY="1 16 64", DIRECT_CONCURRENCY="1 64", VARIANTS="scaled stream4
-# kvpad16384", VARIANT_CONCURRENCY=64, PROFILE_CONCURRENCY="1 64" or HF_CONCURRENCY="1 16" ("" skips one) to
-# change the load; PYTHON picks the interpreter. A device returns few files: pack OUT_DIR (tar) into its folder.
+# Override MODEL=random:path.json, CONCURRENCY="1 16 64", SAMPLED_CONCURRENCY="1 64", DIRECT_CONCURRENCY="1 64",
+# VARIANTS="scaled stream4 kvpad16384", VARIANT_CONCURRENCY=64, PROFILE_CONCURRENCY="1 64" or HF_CONCURRENCY="1 16"
+# ("" skips one) to change the load; PYTHON picks the interpreter. A device returns few files: pack OUT_DIR (tar)
+# into its folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu.sh OUT_DIR}
@@ -22,6 +25,7 @@ mkdir -p "$OUT"
 PYTHON=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
+SAMPLED_CONCURRENCY=${SAMPLED_CONCURRENCY-"1 64"}
 HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
 VARIANTS=${VARIANTS-"scaled stream4 kvpad16384"}
 VARIANT_CONCURRENCY=${VARIANT_CONCURRENCY:-64}
@@ -48,7 +52,8 @@ bench() {  # name concurrency budget [extra args]: one run, its JSON in OUT/name
 }
 
 run_server() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget [extra bench args]: one server, its runs
-    local name=$1 envs=$2 levels=$3 budget=$4; shift 4
+    # SAMPLED="CONCURRENCIES" adds runs at temperature 1 (seeded noise on every token) as name-t1.
+    local name=$1 envs=$2 levels=$3 budget=$4 sampled=${SAMPLED:-}; shift 4
     env $envs "$PYTHON" -m daphne -b 127.0.0.1 -p "$PORT" tripod.asgi:application >"$OUT/server-$name.log" 2>&1 &
     local pid=$!
     for _ in $(seq 300); do
@@ -56,6 +61,7 @@ run_server() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget [extra bench args]
         sleep 1
     done
     for c in $levels; do bench "$name" "$c" "$budget" --url "http://127.0.0.1:$PORT" "$@"; done
+    for c in $sampled; do bench "$name-t1" "$c" "$budget" --url "http://127.0.0.1:$PORT" --temperature 1 "$@"; done
     kill "$pid"; wait "$pid" 2>/dev/null
 }
 
@@ -72,7 +78,9 @@ run_scaled() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget: Redis, a python -
 }
 
 start=$(date +%s)
-run_server hf-cb TRIPOD_ENGINE=hf-cb "$CONCURRENCY" 60
+timeout 120 "$PYTHON" bench/gpu_checks.py "$OUT/checks.json" >"$OUT/checks.log" 2>&1 \
+    && echo "checks: $OUT/checks.json" || echo "checks: failed or timed out (checks.log)"
+SAMPLED=$SAMPLED_CONCURRENCY run_server hf-cb TRIPOD_ENGINE=hf-cb "$CONCURRENCY" 60
 for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf-cb --slots 64; done
 for variant in $VARIANTS; do
     case $variant in

@@ -6,11 +6,20 @@ import asyncio
 import threading
 import time
 from contextlib import aclosing
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tripod.engines import ChatModel, hf_cb
-from tripod.engines.hf_cb import leave_a_core_for_the_server, noise_key, uniform_noise
+from tripod.engines.hf_cb import (
+    RequestSampling,
+    SamplingKeyedGraphs,
+    key_graphs_by_sampling,
+    leave_a_core_for_the_server,
+    noise_key,
+    uniform_noise,
+)
 from tripod.errors import EngineFailure, InvalidRequest
 
 MESSAGES = [{"role": "user", "content": "Tell me about rivers."}]
@@ -55,10 +64,10 @@ def test_a_seed_reproduces_its_output_whatever_shares_the_batch(cb_model):
     assert len({results[i] for i in (1, 3, 5, 7)}) == 4
 
 
-def test_greedy_and_sampled_requests_in_one_batch_keep_their_own_outputs(cb_model):
-    # Only the sampling rows of a batch run the processors: each row must still get its own request's arguments.
-    greedy = text_of(cb_model, max_tokens=24, temperature=0)
-    seeded = text_of(cb_model, max_tokens=24, temperature=1.0, seed=7)
+def run_mixed_batch(model) -> tuple[list[str], list[str]]:
+    """Greedy, seeded, top-k and top-p requests in one batch: (what each got, what each should get)."""
+    greedy = text_of(model, max_tokens=24, temperature=0)
+    seeded = text_of(model, max_tokens=24, temperature=1.0, seed=7)
     assert seeded != greedy
     kinds = [
         ({"temperature": 0}, greedy),
@@ -71,14 +80,96 @@ def test_greedy_and_sampled_requests_in_one_batch_keep_their_own_outputs(cb_mode
 
     def run(i: int) -> None:
         barrier.wait()
-        results[i] = text_of(cb_model, max_tokens=24, **kinds[i % len(kinds)][0])
+        results[i] = text_of(model, max_tokens=24, **kinds[i % len(kinds)][0])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(results))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == [kinds[i % len(kinds)][1] for i in range(len(results))]
+    return results, [kinds[i % len(kinds)][1] for i in range(len(results))]
+
+
+def test_greedy_and_sampled_requests_in_one_batch_keep_their_own_outputs(cb_model):
+    # Only the sampling rows of a batch run the processors: each row must still get its own request's arguments.
+    results, expected = run_mixed_batch(cb_model)
+    assert results == expected
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["chain-per-batch", "whole-chain"])
+def test_the_branch_free_chain_of_a_captured_graph_gives_each_row_the_same(cb_model, monkeypatch, keyed):
+    """Under a CUDA graph every row runs the chain, greedy rows with neutral arguments: same tokens as row by row.
+
+    A CPU has no graphs, so this runs the graph's arithmetic eagerly; bench/gpu_checks.py runs it captured.
+    """
+    sampling = cb_model.manager.logit_processor
+    monkeypatch.setattr(sampling, "captured", True)
+    monkeypatch.setattr(sampling, "keyed_graphs", keyed)
+    chains = set()
+    call = RequestSampling.__call__
+    monkeypatch.setattr(RequestSampling, "__call__", lambda self, *a: chains.add(self.chain) or call(self, *a))
+    results, expected = run_mixed_batch(cb_model)
+    assert results == expected
+    # Greedy alone runs nothing; temperature 1 only the noise; top-k and top-p join when asked for.
+    assert chains >= ({(), (3,), (0, 1, 2, 3)} if keyed else {(0, 1, 2, 3)})
+    assert not keyed or chains <= {(), (3,), (0, 1, 3), (0, 2, 3), (0, 1, 2, 3)}
+
+
+class FakeGraph:
+    def reset(self) -> None:
+        pass
+
+
+def test_captured_graphs_are_kept_per_sampling_chain(cb_model, monkeypatch):
+    """A greedy batch must not replay a graph captured with noise, nor the converse, at the same batch shape."""
+    manager = cb_model.manager
+    monkeypatch.setattr(manager, "_create_batch_processor", manager._create_batch_processor)
+    sampling = RequestSampling(cb_model.vocab_size, captured=True)
+    key_graphs_by_sampling(manager, sampling)
+    processor = manager._create_batch_processor()  # what the loop thread calls when the manager starts
+    graphs = processor.inputs_and_outputs.graphs
+    assert isinstance(graphs, SamplingKeyedGraphs) and sampling.keyed_graphs
+    noisy, greedy = FakeGraph(), FakeGraph()
+    sampling.chain = (3,)
+    graphs.set_graph((64, 1024), noisy)
+    sampling.chain = ()
+    assert graphs.get_graph((64, 1024)) is None
+    graphs.set_graph((64, 1024), greedy)
+    assert graphs.get_graph((64, 1024)) is greedy
+    sampling.chain = (3,)
+    assert graphs.get_graph((64, 1024)) is noisy
+    del processor
+
+
+def test_without_a_graph_store_to_key_the_whole_chain_runs(caplog):
+    """A transformers whose inputs and outputs moved their graphs elsewhere: warn and stay right for any batch."""
+    manager = SimpleNamespace(_create_batch_processor=lambda: SimpleNamespace(inputs_and_outputs=SimpleNamespace()))
+    sampling = RequestSampling(64, captured=True)
+    key_graphs_by_sampling(manager, sampling)
+    manager._create_batch_processor()
+    assert not sampling.keyed_graphs
+    assert "cannot key CUDA graphs" in caplog.text
+    request = SimpleNamespace(has_new_token=True, state=SimpleNamespace(logit_processor_kwargs={}))
+    sampling.prepare_tensor_args([request], torch.zeros((4, 1), dtype=torch.int32))
+    assert sampling.chain == (0, 1, 2, 3)
+
+
+def test_sampling_streams_go_on_while_a_long_prompt_prefills_in_chunks(cb_model):
+    """A prompt longer than a step (256 tokens on CPU) is prefilled over several steps, in batches with streams that
+    sample. Its row in the step's scores is never read, and it used to get the sampling rows' processing: with two
+    streams sampling (one alone broadcast), every sampling request in the batch failed with a tensor size mismatch."""
+    seeds = (21, 22)
+    alone = [text_of(cb_model, max_tokens=300, temperature=1.0, seed=seed, ignore_eos=True) for seed in seeds]
+    sampled = [cb_model.stream(MESSAGES, max_tokens=300, temperature=1.0, seed=seed, ignore_eos=True) for seed in seeds]
+    readers = [iter(stream) for stream in sampled]
+    firsts = [next(reader).text for reader in readers]  # both decoding now
+    long_prompt = [{"role": "user", "content": " ".join(f"river{i}" for i in range(300))}]
+    long = cb_model.stream(long_prompt, max_tokens=4, temperature=0, ignore_eos=True)
+    texts = [first + "".join(delta.text for delta in reader) for first, reader in zip(firsts, readers, strict=True)]
+    assert texts == alone
+    assert [stream.finish_reason for stream in sampled] == ["length", "length"]
+    assert "".join(delta.text for delta in long) and long.finish_reason == "length"
+    assert long.prompt_tokens > 2 * 256
 
 
 def test_a_greedy_batch_runs_no_sampling_processor(cb_model, monkeypatch):

@@ -29,6 +29,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
 )
+from transformers.generation.continuous_batching.utils import CudaGraphBuffer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tripod.engines.base import END, Delta, Prompt, PushItem, RawGeneration
@@ -104,60 +105,115 @@ class SeededGumbelSampler(ContinuousBatchingLogitsProcessor):
 class RequestSampling(ContinuousBatchingLogitsProcessorList):
     """Temperature, top-k, top-p (transformers' per-request processors) then the seeded sampler.
 
-    Without a captured graph, the batch's requests are known on the host before the forward: each step runs only
-    the processors that some request needs, on only the rows that sample, so a greedy batch costs nothing here
-    (each processor otherwise sorts or hashes the whole vocabulary on every row). A captured CUDA graph cannot
-    branch: there every row runs the whole chain, greedy rows with neutral arguments (zero key: no noise).
+    Each step runs only the processors that some request in the batch needs: a greedy batch runs none, and a batch that
+    samples at temperature 1 only adds noise; the two vocabulary sorts run only for a request that asks for top-k or
+    top-p. Without a captured graph, the batch's requests are known on the host before the forward, so they also run on
+    only the rows that sample. A captured CUDA graph cannot branch and runs on every row of the padded batch: there each
+    row gets its request's arguments (neutral ones for greedy rows: zero key, no noise), and which processors the graph
+    runs is part of its key (``SamplingKeyedGraphs``), so a batch replays a graph captured for its own chain.
     """
 
-    def __init__(self, vocab_size: int, branch_free: bool = False) -> None:
+    def __init__(self, vocab_size: int, captured: bool = False) -> None:
         self.temperature = ContinuousBatchingTemperatureLogitsWarper(TemperatureLogitsWarper(1.0))
         self.top_k = ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(top_k=vocab_size))
         self.top_p = ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(1.0))
         self.seeded = SeededGumbelSampler()
-        processors = [self.temperature, self.top_k, self.top_p, self.seeded]
-        super().__init__(LogitsProcessorList(processors), per_request_processors=False)
-        self.tensors_required = len(processors)  # one int32 row of arguments per processor
+        self.processors = (self.temperature, self.top_k, self.top_p, self.seeded)
+        super().__init__(LogitsProcessorList(self.processors), per_request_processors=False)
+        self.tensors_required = len(self.processors)  # one int32 row of arguments per processor, in this order
         self.vocab_size = vocab_size
-        self.branch_free = branch_free
-        # What the next __call__ does: (rows that sample, [(processor, its arguments for those rows)]), or None.
-        # prepare_tensor_args and __call__ run back to back on the batching thread, for the same batch.
-        self._plan: tuple[torch.Tensor | None, list[tuple[ContinuousBatchingLogitsProcessor, torch.Tensor]]] | None
-        self._plan = None
+        self.captured = captured
+        # Set by key_graphs_by_sampling once the manager's graphs are kept per chain; until then (or if transformers'
+        # internals moved), a captured step runs the whole chain, which is right for any batch.
+        self.keyed_graphs = False
+        # What the next __call__ runs, as indices into self.processors. prepare_tensor_args and __call__ (or the
+        # graph lookup that replaces it) run back to back on the batching thread, for the same batch.
+        self.chain: tuple[int, ...] = ()
+        # Without a graph: the rows that sample and each chained processor's arguments for them.
+        self._rows = torch.empty(0, dtype=torch.int64)
+        self._args: list[torch.Tensor] = []
+
+    def needed(self, kwargs: list[dict]) -> tuple[int, ...]:
+        """The processors that these sampling requests' arguments make a difference for."""
+        if not kwargs:
+            return ()
+        used = (
+            any(kw.get("temperature", 1.0) != 1.0 for kw in kwargs),
+            any(kw.get("top_k", self.vocab_size) < self.vocab_size for kw in kwargs),
+            any(kw.get("top_p", 1.0) < 1.0 for kw in kwargs),
+            True,
+        )
+        return tuple(i for i, use in enumerate(used) if use)
 
     def prepare_tensor_args(self, requests_in_batch, arg_storage: torch.Tensor) -> torch.Tensor:
-        if self.branch_free:
-            return super().prepare_tensor_args(requests_in_batch, arg_storage)
         with_new_token = [request for request in requests_in_batch if request.has_new_token]
         rows = [i for i, request in enumerate(with_new_token) if request.state.logit_processor_kwargs]
-        if not rows:
-            self._plan = None
-            return arg_storage
         sampling = [with_new_token[i] for i in rows]
-        kwargs = [request.state.logit_processor_kwargs for request in sampling]
-        needed = [
-            (self.temperature, any(kw.get("temperature", 1.0) != 1.0 for kw in kwargs)),
-            (self.top_k, any(kw.get("top_k", self.vocab_size) < self.vocab_size for kw in kwargs)),
-            (self.top_p, any(kw.get("top_p", 1.0) < 1.0 for kw in kwargs)),
-            (self.seeded, True),
-        ]
+        chain = self.needed([request.state.logit_processor_kwargs for request in sampling])
+        if self.captured:
+            super().prepare_tensor_args(requests_in_batch, arg_storage)  # every row's arguments, in static storage
+            self.chain = chain if self.keyed_graphs else tuple(range(len(self.processors)))
+            return arg_storage
         device = arg_storage.device
-        steps = [(processor, processor.prepare_tensor_args(sampling).to(device)) for processor, used in needed if used]
-        index = None if len(rows) == len(with_new_token) else torch.tensor(rows, dtype=torch.int64, device=device)
-        self._plan = (index, steps)
+        self._args = [self.processors[i].prepare_tensor_args(sampling).to(device) for i in chain]
+        self._rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        self.chain = chain
         return arg_storage
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor):
-        if self.branch_free:
-            return super().__call__(input_ids, scores, logits_processor_args)
-        plan, self._plan = self._plan, None
-        if plan is None:
+        if self.captured:
+            for i in self.chain:
+                scores = self.processors[i](scores, logits_processor_args[i])
             return scores
-        index, steps = plan
-        rows = scores if index is None else scores.index_select(0, index)
-        for processor, args in steps:
-            rows = processor(rows, args)
-        return rows if index is None else scores.index_copy(0, index, rows.to(scores.dtype))
+        chain, self.chain = self.chain, ()
+        if not chain:
+            return scores
+        # The scores have a row per request in the batch, the first ones those with a new token, in order; a request
+        # still prefilling its prompt in chunks has a row that is never read. So all rows sample only if their counts
+        # match.
+        every_row = self._rows.numel() == scores.size(0)
+        rows = scores if every_row else scores.index_select(0, self._rows)
+        for i, args in zip(chain, self._args, strict=True):
+            rows = self.processors[i](rows, args)
+        return rows if every_row else scores.index_copy(0, self._rows, rows.to(scores.dtype))
+
+
+class SamplingKeyedGraphs(CudaGraphBuffer):
+    """transformers' store of captured CUDA graphs, its keys extended by the sampling chain the graph runs."""
+
+    def __init__(self, sampling: RequestSampling) -> None:
+        super().__init__()
+        self.sampling = sampling
+
+    def get_graph(self, key: tuple[int, ...]) -> torch.cuda.CUDAGraph | None:
+        return super().get_graph((*key, self.sampling.chain))
+
+    def set_graph(self, key: tuple[int, ...], graph: torch.cuda.CUDAGraph) -> None:
+        super().set_graph((*key, self.sampling.chain), graph)
+
+
+def key_graphs_by_sampling(manager: Any, sampling: RequestSampling) -> None:
+    """Have the manager keep its captured graphs per sampling chain (``RequestSampling``).
+
+    The graphs live in the batch processor's inputs and outputs, which the manager makes on its loop thread when it
+    starts, before any step: wrap that maker. Should transformers' internals move, warn and leave the graphs as they
+    are; every captured step then runs the whole chain.
+    """
+    make = manager._create_batch_processor
+
+    def make_keyed():
+        processor = make()
+        io = processor.inputs_and_outputs
+        ios = [pair.device_io for pair in io.io_pairs] if hasattr(io, "io_pairs") else [io]  # async: two pairs
+        if all(isinstance(getattr(each, "graphs", None), CudaGraphBuffer) for each in ios):
+            for each in ios:
+                each.graphs = SamplingKeyedGraphs(sampling)
+            sampling.keyed_graphs = True
+        else:
+            logger.warning("cannot key CUDA graphs by sampling chain: every step runs temperature, top-k and top-p")
+        return processor
+
+    manager._create_batch_processor = make_keyed
 
 
 def leave_a_core_for_the_server() -> int:
@@ -433,7 +489,9 @@ class HFContinuousBatchingModel(HFChatModel):
         captured = any(resolved.cuda_graph_booleans) or bool(
             resolved.varlen_compile_config or resolved.decode_compile_config
         )
-        manager.logit_processor = RequestSampling(self.vocab_size, branch_free=captured)
+        manager.logit_processor = RequestSampling(self.vocab_size, captured=captured)
+        if captured:
+            key_graphs_by_sampling(manager, manager.logit_processor)
         # The manager's loop thread inherits "daemon" from the thread that starts it: start it from a daemon
         # thread, so that a server (or a bench) can exit without stopping the manager first.
         starter = threading.Thread(target=manager.start, name="tripod-cb-start", daemon=True)

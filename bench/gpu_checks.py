@@ -1,0 +1,121 @@
+"""Checks for a lent GPU that the CPU suite cannot make: hf-cb's sampling under captured CUDA graphs, and its cost.
+
+1. The built-in tiny model on ``hf-cb`` with CUDA graphs: a seeded request gives the same text alone and inside a
+   batch of greedy, seeded, top-k and top-p requests (graphs captured for different sampling chains); top-k 1 and a
+   tiny nucleus give the greedy text; the graph keys show the chains captured.
+2. The cost of each sampling chain on a 64-row, 128,256-token batch of logits (the 1B model's padded decode step),
+   captured in a CUDA graph and replayed: what a greedy step no longer pays.
+
+Usage: python bench/gpu_checks.py OUT.json   (about a minute; prints the JSON too)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tripod
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
+os.environ.setdefault("TRIPOD_MODEL", "tiny")
+
+MESSAGES = [{"role": "user", "content": "Tell me about rivers."}]
+
+
+def text_of(model, **params) -> str:
+    return model.generate(MESSAGES, max_tokens=24, **params)["choices"][0]["message"]["content"]
+
+
+def sampling_under_graphs() -> dict:
+    import django
+
+    django.setup()
+    from tripod.engines import get_chat_model
+
+    model = get_chat_model("tiny", "hf-cb")
+    greedy = text_of(model, temperature=0)
+    seeded = text_of(model, temperature=1.0, seed=7)
+    kinds = [
+        ({"temperature": 0}, greedy),
+        ({"temperature": 1.0, "seed": 7}, seeded),
+        ({"temperature": 1.5, "top_k": 1, "seed": 11}, greedy),
+        ({"temperature": 0.7, "top_p": 1e-6, "seed": 12}, greedy),
+    ]
+    results = [""] * 12
+    barrier = threading.Barrier(len(results))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = text_of(model, **kinds[i % len(kinds)][0])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(results))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    mismatches = [i for i, text in enumerate(results) if text != kinds[i % len(kinds)][1]]
+    io = model.manager.batch_processor.inputs_and_outputs
+    graphs = getattr(io, "graphs", None)
+    return {
+        "device": model.device,
+        "keyed_graphs": model.manager.logit_processor.keyed_graphs,
+        "seeded_differs_from_greedy": seeded != greedy,
+        "mixed_batch_mismatches": mismatches,
+        "graph_keys": sorted(str(key) for key in getattr(graphs, "_storage", {})),
+    }
+
+
+def chain_cost(rows: int = 64, vocab: int = 128256, repeats: int = 50) -> dict:
+    """Milliseconds per replay of each chain, captured alone in a CUDA graph, on ``rows`` rows of logits."""
+    from tripod.engines.hf_cb import RequestSampling
+
+    sampling = RequestSampling(vocab, captured=True)
+    scores = torch.randn(rows, vocab, device="cuda")
+    args = torch.zeros((len(sampling.processors), rows), dtype=torch.int32, device="cuda")
+    sampling.temperature.fill_defaults(args[0])
+    sampling.top_k.fill_defaults(args[1])
+    sampling.top_p.fill_defaults(args[2])
+    costs = {}
+    for chain in [(), (3,), (0, 3), (0, 2, 3), (0, 1, 2, 3)]:
+        sampling.chain = chain
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            sampling(None, scores, args).argmax(-1)  # warm-up, off the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sampling(None, scores, args).argmax(-1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(repeats):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        costs[str(chain)] = round(sorted(times)[len(times) // 2], 4)
+    return {"rows": rows, "vocab": vocab, "median_ms_per_step": costs}
+
+
+def main() -> None:
+    out = sys.argv[1] if len(sys.argv) > 1 else None
+    report: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    for name, check in (("sampling_under_graphs", sampling_under_graphs), ("chain_cost", chain_cost)):
+        try:
+            report[name] = check()
+        except Exception as error:  # noqa: BLE001 - a check that fails is reported, and the next one still runs
+            report[name] = {"error": repr(error)}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as file:
+            file.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
