@@ -5,7 +5,7 @@
 #   0. bench/gpu_checks.py: hf-cb's sampling under captured CUDA graphs, and each sampling chain's cost (checks.json);
 #   1. hf-cb through the server (CONCURRENCY, greedy as vLLM's bench; then SAMPLED_CONCURRENCY at temperature 1),
 #      then in-process (--direct, DIRECT_CONCURRENCY) for the overhead ratio;
-#   2. hf-cb variants (VARIANTS), each on servers of their own, at 1 and VARIANT_CONCURRENCY streams:
+#   2. hf-cb variants (VARIANTS, default stream4), each on servers of their own, at 1 and VARIANT_CONCURRENCY streams:
 #      scaled: the engine in a process of its own (python -m asgi_worker) behind Redis, then the same with stream4
 #        at VARIANT_CONCURRENCY; REDIS_SERVER names the binary (default: redis-server, else the one that
 #        bench/gpu_wheels.sh packs);
@@ -13,9 +13,9 @@
 #      kvpad16384: TRIPOD_CB_KV_PADDING=0, transformers' own padding of attention to 16,384 cached tokens;
 #   3. short --direct runs under torch.profiler (PROFILE_CONCURRENCY), tables in OUT/profile-direct-cC.txt;
 #   4. hf through the server (HF_CONCURRENCY).
-# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus logs; about 9 minutes on an H100, 7 without hf)
+# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus logs; about 6 minutes on an H100 without hf)
 # Override MODEL=random:path.json, CONCURRENCY="1 16 64", SAMPLED_CONCURRENCY="1 64", DIRECT_CONCURRENCY="1 64",
-# VARIANTS="scaled stream4 kvpad16384", VARIANT_CONCURRENCY=64, PROFILE_CONCURRENCY="1 64" or HF_CONCURRENCY="1 16"
+# VARIANTS="stream4 scaled kvpad16384", VARIANT_CONCURRENCY=64, PROFILE_CONCURRENCY="1 64" or HF_CONCURRENCY="1 16"
 # ("" skips one) to change the load; PYTHON picks the interpreter. A device returns few files: pack OUT_DIR (tar)
 # into its folder.
 set -uo pipefail
@@ -27,7 +27,7 @@ MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 SAMPLED_CONCURRENCY=${SAMPLED_CONCURRENCY-"1 64"}
 HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
-VARIANTS=${VARIANTS-"scaled stream4 kvpad16384"}
+VARIANTS=${VARIANTS-"stream4"}
 VARIANT_CONCURRENCY=${VARIANT_CONCURRENCY:-64}
 DIRECT_CONCURRENCY=${DIRECT_CONCURRENCY-"1 64"}
 PROFILE_CONCURRENCY=${PROFILE_CONCURRENCY-"1 64"}
