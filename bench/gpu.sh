@@ -5,7 +5,9 @@
 #   0. bench/gpu_checks.py: hf-cb's sampling under captured CUDA graphs, and each sampling chain's cost (checks.json);
 #   1. hf-cb through the server (CONCURRENCY, greedy as vLLM's bench; then SAMPLED_CONCURRENCY at temperature 1),
 #      then in-process (--direct, DIRECT_CONCURRENCY) for the overhead ratio;
-#   2. hf-cb variants (VARIANTS, default stream4), each on servers of their own, at 1 and VARIANT_CONCURRENCY streams:
+#   2. hf-cb variants (VARIANTS, default "packedgqa stream4"), each on servers of their own, at 1 and
+#      VARIANT_CONCURRENCY streams:
+#      packedgqa: TRIPOD_CB_PACKED_GQA=1, masked attention on grouped heads without copying keys and values;
 #      scaled: the engine in a process of its own (python -m asgi_worker) behind Redis, then the same with stream4
 #        at VARIANT_CONCURRENCY; REDIS_SERVER names the binary (default: redis-server, else the one that
 #        bench/gpu_wheels.sh packs);
@@ -13,11 +15,11 @@
 #      kvpad16384: TRIPOD_CB_KV_PADDING=0, transformers' own padding of attention to 16,384 cached tokens;
 #   3. short --direct runs under torch.profiler (PROFILE_CONCURRENCY), tables in OUT/profile-direct-cC.txt;
 #   4. hf through the server (HF_CONCURRENCY).
-# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus logs; about 6 minutes on an H100 without hf)
+# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus logs; about 7 minutes on an H100 without hf)
 # Override MODEL=random:path.json, CONCURRENCY="1 16 64", SAMPLED_CONCURRENCY="1 64", DIRECT_CONCURRENCY="1 64",
-# VARIANTS="stream4 scaled kvpad16384", VARIANT_CONCURRENCY=64, PROFILE_CONCURRENCY="1 64" or HF_CONCURRENCY="1 16"
-# ("" skips one) to change the load; PYTHON picks the interpreter. A device returns few files: pack OUT_DIR (tar)
-# into its folder.
+# VARIANTS="packedgqa stream4 scaled kvpad16384", VARIANT_CONCURRENCY=64, PROFILE_CONCURRENCY="1 64" or
+# HF_CONCURRENCY="1 16" ("" skips one) to change the load; PYTHON picks the interpreter. A device returns few
+# files: pack OUT_DIR (tar) into its folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu.sh OUT_DIR}
@@ -27,7 +29,7 @@ MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 SAMPLED_CONCURRENCY=${SAMPLED_CONCURRENCY-"1 64"}
 HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
-VARIANTS=${VARIANTS-"stream4"}
+VARIANTS=${VARIANTS-"packedgqa stream4"}
 VARIANT_CONCURRENCY=${VARIANT_CONCURRENCY:-64}
 DIRECT_CONCURRENCY=${DIRECT_CONCURRENCY-"1 64"}
 PROFILE_CONCURRENCY=${PROFILE_CONCURRENCY-"1 64"}
@@ -85,6 +87,7 @@ for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf
 for variant in $VARIANTS; do
     case $variant in
         kvpad16384) run_server hf-cb-kvpad16384 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=0" "1 $VARIANT_CONCURRENCY" 60 ;;
+        packedgqa) run_server hf-cb-packedgqa "TRIPOD_ENGINE=hf-cb TRIPOD_CB_PACKED_GQA=1" "1 $VARIANT_CONCURRENCY" 60 ;;
         stream4) run_server hf-cb-stream4 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=4" "$VARIANT_CONCURRENCY" 60 ;;
         scaled)
             run_scaled hf-cb-scaled "TRIPOD_ENGINE=hf-cb" "1 $VARIANT_CONCURRENCY" 60

@@ -5,6 +5,11 @@
    tiny nucleus give the greedy text; the graph keys show the chains captured.
 2. The cost of each sampling chain on a 64-row, 128,256-token batch of logits (the 1B model's padded decode step),
    captured in a CUDA graph and replayed: what a greedy step no longer pays.
+3. One layer's attention as transformers' continuous batching runs it without flash attention (SDPA with the
+   batch's additive block-diagonal mask, 32 query heads on 8 key/value heads), at the cached lengths of one stream
+   and of 64, against ways to run grouped heads without copying the keys and values four times (``repeat_kv``,
+   probably the 66 us elementwise kernel that is 24 % of a 64-stream step in the fourth H100 run's profile). Each
+   way's largest difference from the first is reported with its time.
 
 Usage: python bench/gpu_checks.py OUT.json   (about a minute; prints the JSON too)
 """
@@ -102,10 +107,76 @@ def chain_cost(rows: int = 64, vocab: int = 128256, repeats: int = 50) -> dict:
     return {"rows": rows, "vocab": vocab, "median_ms_per_step": costs}
 
 
+def attention_ways(query, key, value, mask, groups: int) -> dict:
+    """Ways to compute masked grouped-query attention; each returns [1, heads, q, dim]."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    _, heads, q, dim = query.shape
+    kv_heads = key.shape[1]
+
+    def repeated():  # transformers' way with a mask on CUDA
+        return sdpa(query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask)
+
+    def enable_gqa():  # TRANSFORMERS_SDPA_FORCE_GQA=1: may fall back to the math kernel on CUDA
+        return sdpa(query, key, value, attn_mask=mask, enable_gqa=True)
+
+    def packed_queries():  # each key/value head's query heads stacked on the query axis, the mask repeated to match
+        packed = query.reshape(1, kv_heads, groups * q, dim)
+        out = sdpa(packed, key, value, attn_mask=mask.repeat(1, 1, groups, 1))
+        return out.reshape(1, heads, q, dim)
+
+    def heads_as_batch():  # the query heads of a group as a batch; keys and values broadcast over it, not copied
+        stacked = query.reshape(kv_heads, groups, q, dim).transpose(0, 1)
+        out = sdpa(stacked, key.expand(groups, -1, -1, -1), value.expand(groups, -1, -1, -1), attn_mask=mask)
+        return out.transpose(0, 1).reshape(1, heads, q, dim)
+
+    return {
+        "repeat_kv": repeated,
+        "enable_gqa": enable_gqa,
+        "packed_queries": packed_queries,
+        "heads_as_batch": heads_as_batch,
+    }
+
+
+def attention_cost(repeats: int = 50) -> dict:
+    """Milliseconds per call of one layer's masked attention, each way, at one stream's and 64 streams' sizes."""
+    heads, kv_heads, dim, q = 32, 8, 64, 64
+    results = {}
+    for name, kv in (("1 stream", 1024), ("64 streams", 13312)):
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        query = torch.randn(1, heads, q, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+        key = torch.randn(1, kv_heads, kv, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+        value = torch.randn(1, kv_heads, kv, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+        # Block-diagonal: each query token sees one contiguous range of keys, as transformers builds it.
+        mask = torch.full((1, 1, q, kv), torch.finfo(torch.bfloat16).min, device="cuda", dtype=torch.bfloat16)
+        per_row = kv // q
+        for row in range(q):
+            mask[..., row, row * per_row : (row + 1) * per_row] = 0
+        ways = attention_ways(query, key, value, mask, heads // kv_heads)
+        reference = ways["repeat_kv"]().float()
+        row = {}
+        for way, run in ways.items():
+            try:
+                difference = (run().float() - reference).abs().max().item()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                times = []
+                for _ in range(repeats):
+                    start.record()
+                    run()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                row[way] = {"median_ms": round(sorted(times)[len(times) // 2], 4), "max_difference": difference}
+            except Exception as error:  # noqa: BLE001 - a way a kernel refuses is a result too
+                row[way] = {"error": repr(error)}
+        results[f"{name} (q {q}, kv {kv})"] = row
+    return results
+
+
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else None
     report: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    for name, check in (("sampling_under_graphs", sampling_under_graphs), ("chain_cost", chain_cost)):
+    for check in (sampling_under_graphs, chain_cost, attention_cost):
+        name = check.__name__
         try:
             report[name] = check()
         except Exception as error:  # noqa: BLE001 - a check that fails is reported, and the next one still runs

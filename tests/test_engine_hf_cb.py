@@ -357,3 +357,54 @@ def test_on_cpu_a_step_takes_at_most_256_tokens_by_default(cb_model):
     """Prefill in small chunks: at 16 streams, first tokens came 30 % sooner than with 1024 (docs/BENCHMARKS.md)."""
     config = cb_model.manager.continuous_batching_config
     assert (config.num_blocks, config.max_batch_tokens) == (512, 256)
+
+
+def test_packed_grouped_attention_equals_transformers_own():
+    """``TRIPOD_CB_PACKED_GQA``: query heads stacked per key/value head, the mask repeated: the same attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tripod.engines.grouped_attention import packed_gqa_sdpa
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (
+        torch.randn(1, heads, length, 16, generator=generator) for heads, length in ((8, 6), (2, 20), (2, 20))
+    )
+    mask = torch.full((1, 1, 6, 20), torch.finfo(torch.float32).min)
+    for row, (start, end) in enumerate([(0, 4), (0, 5), (5, 12), (5, 13), (13, 19), (13, 20)]):
+        mask[..., row, start:end] = 0  # three sequences of two query tokens each, as one block-diagonal batch
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    ours, _ = packed_gqa_sdpa(module, query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (1, 6, 8, 16)
+    torch.testing.assert_close(ours, theirs)
+    unmasked, _ = packed_gqa_sdpa(module, query, key, value, None)  # what it does not pack goes to transformers
+    torch.testing.assert_close(unmasked, sdpa_attention_forward(module, query, key, value, None)[0])
+
+
+def test_the_engine_with_packed_grouped_attention_gives_the_same_tokens(cb_model, chat_model, monkeypatch):
+    """The tiny model has 4 query heads on 2 key/value heads; routed through the packed path, greedy is unchanged.
+
+    On a CPU the engine leaves it off (SDPA takes grouped heads with a mask there), so the test routes it itself.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from tripod.engines import grouped_attention
+
+    reference = chat_model.generate(MESSAGES, max_tokens=24, temperature=0)
+    packed_calls = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        packed_calls.append(attention_mask is not None and query.shape[2] > 1)
+        return grouped_attention.packed_gqa_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording)
+    ours = cb_model.generate(MESSAGES, max_tokens=24, temperature=0)
+    assert any(packed_calls)  # the batch's masked steps took the packed path
+    assert ours["choices"][0]["message"] == reference["choices"][0]["message"]
+
+
+def test_packed_grouped_attention_is_off_by_default_and_on_cpu(cb_model):
+    from tripod.conf import config
+
+    assert config().cb_packed_gqa is False
+    assert cb_model.cb_packed_gqa is False

@@ -37,6 +37,7 @@ class Config:
     cb_max_batch_tokens: int
     cb_cuda_graph: str
     cb_kv_padding: int
+    cb_packed_gqa: bool
     eager_writes: bool
     cache_dir: Path
     max_body_bytes: int
@@ -108,6 +109,7 @@ def config() -> Config:
         cb_max_batch_tokens=int(raw.get("CB_MAX_BATCH_TOKENS", 0)),
         cb_cuda_graph=str(raw.get("CB_CUDA_GRAPH", "auto")),
         cb_kv_padding=int(raw.get("CB_KV_PADDING", 1024)),
+        cb_packed_gqa=bool(raw.get("CB_PACKED_GQA", False)),
         eager_writes=bool(raw.get("EAGER_WRITES", True)),
         cache_dir=Path(raw["CACHE_DIR"]).expanduser(),
         max_body_bytes=int(raw["MAX_BODY_BYTES"]),

@@ -128,6 +128,8 @@ TRIPOD = {
     "CB_CUDA_GRAPH": os.environ.get("TRIPOD_CB_CUDA_GRAPH", "auto"),
     # hf-cb with CUDA graphs: KV tokens a step reads, padded up to a multiple of this; 0: transformers' 16384.
     "CB_KV_PADDING": int(os.environ.get("TRIPOD_CB_KV_PADDING", "1024")),
+    # hf-cb on CUDA without flash attention: masked attention on grouped heads without copying keys and values.
+    "CB_PACKED_GQA": os.environ.get("TRIPOD_CB_PACKED_GQA", "0") == "1",
     # daphne sends a response chunk at once when nothing is queued ahead of it (tripod/eager_writes.py).
     "EAGER_WRITES": os.environ.get("TRIPOD_EAGER_WRITES", "1") != "0",
     "CACHE_DIR": os.environ.get("TRIPOD_CACHE_DIR", str(Path.home() / ".cache" / "tripod")),

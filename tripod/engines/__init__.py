@@ -53,6 +53,7 @@ def get_chat_model(model_name: str | None = None, engine: str | None = None) -> 
                 cb_max_batch_tokens=cfg.cb_max_batch_tokens,
                 cb_cuda_graph=cfg.cb_cuda_graph,
                 cb_kv_padding=cfg.cb_kv_padding,
+                cb_packed_gqa=cfg.cb_packed_gqa,
                 upstream_url=cfg.upstream_url,
                 upstream_api_key=cfg.upstream_api_key,
             )

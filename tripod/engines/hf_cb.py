@@ -33,6 +33,7 @@ from transformers.generation.continuous_batching.utils import CudaGraphBuffer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tripod.engines.base import END, Delta, Prompt, PushItem, RawGeneration
+from tripod.engines.grouped_attention import use_packed_gqa
 from tripod.engines.hf import HFChatModel
 from tripod.engines.text import IncrementalDetokenizer
 from tripod.errors import EngineFailure, InvalidRequest
@@ -428,6 +429,7 @@ class HFContinuousBatchingModel(HFChatModel):
         self.cb_cuda_graph = options.get("cb_cuda_graph", "auto")
         kv_padding = options.get("cb_kv_padding")
         self.cb_kv_padding = KV_PADDING if kv_padding is None else int(kv_padding)
+        self.cb_packed_gqa = bool(options.get("cb_packed_gqa", False))
         self.dispatch = StepDispatch()
 
     def load(self) -> None:
@@ -467,6 +469,9 @@ class HFContinuousBatchingModel(HFChatModel):
             # mask. On CPU it does (on CUDA a mask sends GQA to the slow math kernel): 18% of a decode step here.
             os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         use_graph = on_gpu if self.cb_cuda_graph == "auto" else self.cb_cuda_graph in (True, "1", "true", "yes")
+        packed_gqa = on_gpu and self.cb_packed_gqa  # on CPU, SDPA takes grouped heads with a mask itself (above)
+        if packed_gqa:
+            use_packed_gqa()
         threads = torch.get_num_threads() if on_gpu else leave_a_core_for_the_server()
         cb_config = ContinuousBatchingConfig(
             num_blocks=self.cb_num_blocks,
@@ -500,13 +505,14 @@ class HFContinuousBatchingModel(HFChatModel):
         self.manager = manager
         logger.info(
             "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s kv_padding=%s async=%s"
-            " torch_threads=%d",
+            " packed_gqa=%s torch_threads=%d",
             self.device,
             self.cb_num_blocks,
             self.cb_max_batch_tokens,
             use_graph,
             resolved.kv_padding_interval_size,
             resolved.use_async_batching,
+            packed_gqa,
             threads,
         )
 
