@@ -155,10 +155,11 @@ class RequestSampling(ContinuousBatchingLogitsProcessorList):
             super().prepare_tensor_args(requests_in_batch, arg_storage)  # every row's arguments, in static storage
             self.chain = chain if self.keyed_graphs else tuple(range(len(self.processors)))
             return arg_storage
-        device = arg_storage.device
-        self._args = [self.processors[i].prepare_tensor_args(sampling).to(device) for i in chain]
-        self._rows = torch.tensor(rows, dtype=torch.int64, device=device)
         self.chain = chain
+        if chain:  # a greedy batch (the common case) allocates nothing
+            device = arg_storage.device
+            self._args = [self.processors[i].prepare_tensor_args(sampling).to(device) for i in chain]
+            self._rows = torch.tensor(rows, dtype=torch.int64, device=device)
         return arg_storage
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor):
@@ -211,7 +212,7 @@ def key_graphs_by_sampling(manager: Any, sampling: RequestSampling) -> None:
                 each.graphs = SamplingKeyedGraphs(sampling)
             sampling.keyed_graphs = True
         else:
-            logger.warning("cannot key CUDA graphs by sampling chain: every step runs temperature, top-k and top-p")
+            logger.warning("cannot key CUDA graphs by sampling chain: every captured step runs the whole chain")
         return processor
 
     manager._create_batch_processor = make_keyed
