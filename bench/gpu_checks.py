@@ -82,9 +82,7 @@ def chain_cost(rows: int = 64, vocab: int = 128256, repeats: int = 50) -> dict:
     sampling = RequestSampling(vocab, captured=True)
     scores = torch.randn(rows, vocab, device="cuda")
     args = torch.zeros((len(sampling.processors), rows), dtype=torch.int32, device="cuda")
-    sampling.temperature.fill_defaults(args[0])
-    sampling.top_k.fill_defaults(args[1])
-    sampling.top_p.fill_defaults(args[2])
+    sampling.fill_defaults(args)  # neutral arguments on every row, as for a greedy batch
     costs = {}
     for chain in [(), (3,), (0, 3), (0, 2, 3), (0, 1, 2, 3)]:
         sampling.chain = chain

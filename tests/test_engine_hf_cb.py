@@ -403,8 +403,12 @@ def test_the_engine_with_packed_grouped_attention_gives_the_same_tokens(cb_model
     assert ours["choices"][0]["message"] == reference["choices"][0]["message"]
 
 
-def test_packed_grouped_attention_is_off_by_default_and_on_cpu(cb_model):
+def test_packed_grouped_attention_is_off_by_default(cb_model):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from tripod.conf import config
 
     assert config().cb_packed_gqa is False
     assert cb_model.cb_packed_gqa is False
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # the engine left transformers' own in place
