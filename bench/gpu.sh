@@ -5,21 +5,24 @@
 #   0. bench/gpu_checks.py: hf-cb's sampling under captured CUDA graphs, and each sampling chain's cost (checks.json);
 #   1. hf-cb through the server (CONCURRENCY, greedy as vLLM's bench; then SAMPLED_CONCURRENCY at temperature 1),
 #      then in-process (--direct, DIRECT_CONCURRENCY) for the overhead ratio;
-#   2. hf-cb variants (VARIANTS, default "packedgqa stream4"), each on servers of their own, at 1 and
-#      VARIANT_CONCURRENCY streams:
-#      packedgqa: TRIPOD_CB_PACKED_GQA=1, masked attention on grouped heads without copying keys and values;
-#      scaled: the engine in a process of its own (python -m asgi_worker) behind Redis, then the same with stream4
-#        at VARIANT_CONCURRENCY; REDIS_SERVER names the binary (default: redis-server, else the one that
-#        bench/gpu_wheels.sh packs);
-#      stream4: TRIPOD_STREAM_INTERVAL=4, four tokens per streamed chunk (at VARIANT_CONCURRENCY only);
+#   2. hf-cb variants (VARIANTS, default "stream1 forcegqa"), each on servers of their own, at 1 and
+#      VARIANT_CONCURRENCY streams unless said:
+#      stream1: TRIPOD_STREAM_INTERVAL=1, every token its own chunk at any load (at VARIANT_CONCURRENCY only; the
+#        default, auto, sends chunks of 4 at 64 streams);
+#      forcegqa: TRIPOD_CB_PACKED_GQA=0 TRANSFORMERS_SDPA_FORCE_GQA=1, SDPA's own grouped-query mode with a mask
+#        (--direct at VARIANT_CONCURRENCY only);
+#      nopackedgqa: TRIPOD_CB_PACKED_GQA=0, transformers' copies of the keys and values for each query head;
+#      scaled: the engine in a process of its own (python -m asgi_worker) behind Redis; REDIS_SERVER names the
+#        binary (default: redis-server, else the one that bench/gpu_wheels.sh packs);
 #      kvpad16384: TRIPOD_CB_KV_PADDING=0, transformers' own padding of attention to 16,384 cached tokens;
-#   3. short --direct runs under torch.profiler (PROFILE_CONCURRENCY), tables in OUT/profile-direct-cC.txt;
+#   3. short --direct runs under torch.profiler (PROFILE_CONCURRENCY; PROFILE_ENV="ENV=VALUE ..." sets options),
+#      tables in OUT/profile-direct-cC.txt;
 #   4. hf through the server (HF_CONCURRENCY).
 # Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus logs; about 7 minutes on an H100 without hf)
 # Override MODEL=random:path.json, CONCURRENCY="1 16 64", SAMPLED_CONCURRENCY="1 64", DIRECT_CONCURRENCY="1 64",
-# VARIANTS="packedgqa stream4 scaled kvpad16384", VARIANT_CONCURRENCY=64, PROFILE_CONCURRENCY="1 64" or
-# HF_CONCURRENCY="1 16" ("" skips one) to change the load; PYTHON picks the interpreter. A device returns few
-# files: pack OUT_DIR (tar) into its folder.
+# VARIANTS="stream1 forcegqa nopackedgqa scaled kvpad16384", VARIANT_CONCURRENCY=64,
+# PROFILE_CONCURRENCY="1 64" or HF_CONCURRENCY="1 16" ("" skips one) to change the load; PYTHON picks the
+# interpreter. A device returns few files: pack OUT_DIR (tar) into its folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu.sh OUT_DIR}
@@ -29,10 +32,11 @@ MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 SAMPLED_CONCURRENCY=${SAMPLED_CONCURRENCY-"1 64"}
 HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
-VARIANTS=${VARIANTS-"packedgqa stream4"}
+VARIANTS=${VARIANTS-"stream1 forcegqa"}
 VARIANT_CONCURRENCY=${VARIANT_CONCURRENCY:-64}
 DIRECT_CONCURRENCY=${DIRECT_CONCURRENCY-"1 64"}
 PROFILE_CONCURRENCY=${PROFILE_CONCURRENCY-"1 64"}
+PROFILE_ENV=${PROFILE_ENV:-}
 PORT=${PORT:-8765}
 REDIS_SERVER=${REDIS_SERVER:-$(command -v redis-server || echo .whl/redis/redis-server)}
 export HF_HUB_OFFLINE=1 TRIPOD_MODEL="$MODEL" TRIPOD_SLOTS=64 TRIPOD_LOG_LEVEL=WARNING
@@ -87,19 +91,20 @@ for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf
 for variant in $VARIANTS; do
     case $variant in
         kvpad16384) run_server hf-cb-kvpad16384 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=0" "1 $VARIANT_CONCURRENCY" 60 ;;
-        packedgqa) run_server hf-cb-packedgqa "TRIPOD_ENGINE=hf-cb TRIPOD_CB_PACKED_GQA=1" "1 $VARIANT_CONCURRENCY" 60 ;;
-        stream4) run_server hf-cb-stream4 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=4" "$VARIANT_CONCURRENCY" 60 ;;
-        scaled)
-            run_scaled hf-cb-scaled "TRIPOD_ENGINE=hf-cb" "1 $VARIANT_CONCURRENCY" 60
-            run_scaled hf-cb-scaled-stream4 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=4" "$VARIANT_CONCURRENCY" 60 ;;
+        stream1) run_server hf-cb-stream1 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=1" "$VARIANT_CONCURRENCY" 60 ;;
+        forcegqa)
+            TRIPOD_CB_PACKED_GQA=0 TRANSFORMERS_SDPA_FORCE_GQA=1 bench direct-hf-cb-forcegqa "$VARIANT_CONCURRENCY" 90 \
+                --direct --engine hf-cb --slots 64 ;;
+        nopackedgqa) run_server hf-cb-nopackedgqa "TRIPOD_ENGINE=hf-cb TRIPOD_CB_PACKED_GQA=0" "1 $VARIANT_CONCURRENCY" 60 ;;
+        scaled) run_scaled hf-cb-scaled "TRIPOD_ENGINE=hf-cb" "1 $VARIANT_CONCURRENCY" 60 ;;
         *) echo "unknown variant $variant" ;;
     esac
 done
 # A few requests each (the profiler slows the run): where a step's time goes, on the device and on the host.
 for c in $PROFILE_CONCURRENCY; do
-    timeout 90 "$PYTHON" -m tripod.bench --direct --engine hf-cb --slots 64 --concurrency "$c" --num-requests "$c" \
-        --prompt-len 128 --output-len 128 --warmup 2 --no-progress --profile "$OUT/profile-direct-c$c.txt" \
-        --out "$OUT/profile-direct-c$c.json" >/dev/null \
+    env $PROFILE_ENV timeout 90 "$PYTHON" -m tripod.bench --direct --engine hf-cb --slots 64 --concurrency "$c" \
+        --num-requests "$c" --prompt-len 128 --output-len 128 --warmup 2 --no-progress \
+        --profile "$OUT/profile-direct-c$c.txt" --out "$OUT/profile-direct-c$c.json" >/dev/null \
         && echo "profile c=$c: $OUT/profile-direct-c$c.txt" || echo "profile c=$c: failed or timed out"
 done
 # Last, since it changes least and a device call that runs out of time cuts the end: hf cannot finish 64 streams in

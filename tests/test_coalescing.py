@@ -69,6 +69,32 @@ async def test_an_interval_merges_deltas_after_the_first_and_keeps_every_token(c
     assert len(merged) <= 1 + -(-(TOKENS - 1) // 4) < len(plain)
 
 
+@pytest.mark.parametrize(
+    ("generations", "interval"),
+    [(0, 1), (1, 1), (16, 1), (17, 2), (32, 2), (33, 3), (48, 3), (49, 4), (64, 4), (500, 4)],
+)
+def test_the_auto_interval_grows_by_a_token_for_each_sixteen_generations_up_to_four(generations, interval):
+    from asgi_worker.loop import auto_stream_interval
+
+    assert auto_stream_interval(generations) == interval
+
+
+async def test_the_auto_interval_follows_the_workers_load(chat_model, monkeypatch):
+    """``auto`` asks the worker's load before each delta: one generation alone streams every token; when the load
+    asks for 4 (one generation counted as 16 here), the deltas merge as with an interval of 4."""
+    with slow_forwards(chat_model, 0.01):
+        plain = deltas(await worker_events(chat_model))
+        alone = deltas(await worker_events(chat_model, stream_interval="auto", stream_hold=60))
+        monkeypatch.setattr("asgi_worker.loop.AUTO_STREAMS_PER_TOKEN", 0.25)
+        loaded_events = await worker_events(chat_model, stream_interval="auto", stream_hold=60)
+    loaded = deltas(loaded_events)
+    assert [d["tokens"] for d in alone] == [d["tokens"] for d in plain]
+    assert "".join(d["text"] for d in loaded) == "".join(d["text"] for d in plain)
+    assert sum(d["tokens"] for d in loaded) == TOKENS == loaded_events[-1]["usage"]["completion_tokens"]
+    assert all(d["tokens"] >= 4 for d in loaded[1:-1]), [d["tokens"] for d in loaded]
+    assert len(loaded) <= 1 + -(-(TOKENS - 1) // 4) < len(plain)
+
+
 async def test_a_reply_that_is_not_streamed_gets_the_first_delta_then_the_rest_at_the_end(chat_model):
     received = await worker_events(chat_model, stream_interval=0, stream_hold=60)
     merged = deltas(received)
@@ -157,6 +183,15 @@ def test_a_process_with_a_stream_interval_below_one_stops_at_start():
     )
     assert result.returncode != 0
     assert "TRIPOD_STREAM_INTERVAL must be 1 or more; it is 0." in result.stderr
+
+
+def test_the_stream_interval_is_auto_by_default_and_a_word_other_than_auto_is_refused(settings):
+    from tripod.conf import config
+
+    assert config().stream_interval == "auto"
+    settings.TRIPOD = {**settings.TRIPOD, "STREAM_INTERVAL": "fast"}
+    with pytest.raises(ImproperlyConfigured, match="TRIPOD_STREAM_INTERVAL must be 'auto' or 1 or more; it is 'fast'"):
+        config()
 
 
 def test_a_stream_interval_below_one_is_refused(settings):

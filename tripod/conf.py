@@ -20,6 +20,8 @@ from django.core.signals import setting_changed
 
 JOB_CHANNEL_PREFIX = "tripod.generate."
 WORKERS_GROUP = "tripod.workers"
+# TRIPOD_STREAM_INTERVAL=auto, as a job carries it: the worker picks the tokens per chunk by its load.
+STREAM_INTERVAL_AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Config:
     event_timeout: float
     engine_step_timeout: float
     sse_keepalive: float
-    stream_interval: int
+    stream_interval: int | str  # tokens per streamed chunk after the first, or STREAM_INTERVAL_AUTO
     stream_ttl: float
     stream_reader_timeout: float
     ws_max_inflight: int
@@ -86,6 +88,16 @@ def _optional_int(value) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def _stream_interval(value) -> int | str:
+    """``TRIPOD_STREAM_INTERVAL``: ``auto`` (the worker picks by its load: ``auto_stream_interval``) or N >= 1."""
+    if str(value).strip().lower() == STREAM_INTERVAL_AUTO:
+        return STREAM_INTERVAL_AUTO
+    try:
+        return _at_least_one("TRIPOD_STREAM_INTERVAL", value)
+    except ValueError:
+        raise ImproperlyConfigured(f"TRIPOD_STREAM_INTERVAL must be 'auto' or 1 or more; it is {value!r}.") from None
+
+
 def _at_least_one(name: str, value) -> int:
     number = int(value)
     if number < 1:
@@ -109,7 +121,7 @@ def config() -> Config:
         cb_max_batch_tokens=int(raw.get("CB_MAX_BATCH_TOKENS", 0)),
         cb_cuda_graph=str(raw.get("CB_CUDA_GRAPH", "auto")),
         cb_kv_padding=int(raw.get("CB_KV_PADDING", 1024)),
-        cb_packed_gqa=bool(raw.get("CB_PACKED_GQA", False)),
+        cb_packed_gqa=bool(raw.get("CB_PACKED_GQA", True)),
         eager_writes=bool(raw.get("EAGER_WRITES", True)),
         cache_dir=Path(raw["CACHE_DIR"]).expanduser(),
         max_body_bytes=int(raw["MAX_BODY_BYTES"]),
@@ -118,7 +130,7 @@ def config() -> Config:
         event_timeout=float(raw["EVENT_TIMEOUT"]),
         engine_step_timeout=float(raw["ENGINE_STEP_TIMEOUT"]),
         sse_keepalive=float(raw["SSE_KEEPALIVE"]),
-        stream_interval=_at_least_one("TRIPOD_STREAM_INTERVAL", raw.get("STREAM_INTERVAL", 1)),
+        stream_interval=_stream_interval(raw.get("STREAM_INTERVAL", STREAM_INTERVAL_AUTO)),
         stream_ttl=float(raw.get("STREAM_TTL", 600)),
         stream_reader_timeout=float(raw.get("STREAM_READER_TIMEOUT", 30)),
         ws_max_inflight=int(raw["WS_MAX_INFLIGHT"]),

@@ -129,7 +129,7 @@ TRIPOD = {
     # hf-cb with CUDA graphs: KV tokens a step reads, padded up to a multiple of this; 0: transformers' 16384.
     "CB_KV_PADDING": int(os.environ.get("TRIPOD_CB_KV_PADDING", "1024")),
     # hf-cb on CUDA without flash attention: masked attention on grouped heads without copying keys and values.
-    "CB_PACKED_GQA": os.environ.get("TRIPOD_CB_PACKED_GQA", "0") == "1",
+    "CB_PACKED_GQA": os.environ.get("TRIPOD_CB_PACKED_GQA", "1") == "1",
     # daphne sends a response chunk at once when nothing is queued ahead of it (tripod/eager_writes.py).
     "EAGER_WRITES": os.environ.get("TRIPOD_EAGER_WRITES", "1") != "0",
     "CACHE_DIR": os.environ.get("TRIPOD_CACHE_DIR", str(Path.home() / ".cache" / "tripod")),
@@ -145,7 +145,7 @@ TRIPOD = {
     "EVENT_TIMEOUT": float(os.environ.get("TRIPOD_EVENT_TIMEOUT", "60")),
     "ENGINE_STEP_TIMEOUT": float(os.environ.get("TRIPOD_ENGINE_STEP_TIMEOUT", "60")),
     "SSE_KEEPALIVE": float(os.environ.get("TRIPOD_SSE_KEEPALIVE", "10")),
-    "STREAM_INTERVAL": int(os.environ.get("TRIPOD_STREAM_INTERVAL", "1")),
+    "STREAM_INTERVAL": os.environ.get("TRIPOD_STREAM_INTERVAL", "auto"),
     "STREAM_TTL": float(os.environ.get("TRIPOD_STREAM_TTL", "600")),
     "STREAM_READER_TIMEOUT": float(os.environ.get("TRIPOD_STREAM_READER_TIMEOUT", "30")),
     "WS_MAX_INFLIGHT": int(os.environ.get("TRIPOD_WS_MAX_INFLIGHT", "8")),

@@ -210,17 +210,19 @@ class TokenStream:
         finally:
             self._finish()
 
-    async def deltas_async(self, interval: int = 1, hold: float = 0.0) -> AsyncIterator[Delta]:
+    async def deltas_async(self, interval: int | Callable[[], int] = 1, hold: float = 0.0) -> AsyncIterator[Delta]:
         """The same deltas on the running event loop, each one everything that arrived since the last.
 
         A reader that falls behind gets fewer, larger deltas instead of a backlog. After the first delta, each
-        waits for ``interval`` tokens (0: for the end), unless a token arrives ``hold`` seconds or more after the
-        previous delta (so a slow engine's tokens still come as they are made). Use it with
-        ``contextlib.aclosing`` so that leaving early cancels the generation and frees its slot.
+        waits for ``interval`` tokens (0: for the end; a callable is asked after each delta), unless a token
+        arrives ``hold`` seconds or more after the previous delta (so a slow engine's tokens still come as they
+        are made). Use it with ``contextlib.aclosing`` so that leaving early cancels the generation and frees its
+        slot.
         """
         loop = asyncio.get_running_loop()
         inbox = _Inbox(loop)
         inbox.hold = hold if interval != 1 else 0.0  # one token per delta: nothing to wait for
+        next_interval = interval if callable(interval) else lambda: interval
         self.raw.push_to(loop, inbox.put)
         ended = False
         try:
@@ -238,7 +240,7 @@ class TokenStream:
                         break
                 if text or tokens:
                     yield Delta("".join(text), tokens)
-                    inbox.min_tokens = interval or math.inf
+                    inbox.min_tokens = next_interval() or math.inf
         finally:
             if not ended:
                 self.raw.cancel()

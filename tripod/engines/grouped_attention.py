@@ -10,8 +10,9 @@ layer. The fourth H100 run's profile has an unnamed elementwise kernel, two call
 Stacking each key/value head's query heads along the query axis gives the same attention without the copies: query
 ``[batch, heads, q, dim]`` becomes ``[batch, kv_heads, groups * q, dim]`` and the mask, shared by all heads, is
 repeated ``groups`` times along its query axis (64 x 13,000 x 4 entries). This is transformers' own ``pack_gqa``,
-which it applies to one query token, extended to many. Whether it is faster on a GPU is unmeasured:
-``bench/gpu_checks.py`` times both, and ``bench/gpu.sh``'s ``packedgqa`` variant runs the server with it.
+which it applies to one query token, extended to many. On an H100 (fifth run, docs/BENCHMARKS.md) it took
+``--direct`` at 64 streams from 3,148 to 3,557 tok/s and one stream through the server from 200 to 214, so it is on
+by default on CUDA; ``TRIPOD_CB_PACKED_GQA=0`` turns it off.
 """
 
 from __future__ import annotations

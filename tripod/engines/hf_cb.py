@@ -430,7 +430,7 @@ class HFContinuousBatchingModel(HFChatModel):
         self.cb_cuda_graph = options.get("cb_cuda_graph", "auto")
         kv_padding = options.get("cb_kv_padding")
         self.cb_kv_padding = KV_PADDING if kv_padding is None else int(kv_padding)
-        self.cb_packed_gqa = bool(options.get("cb_packed_gqa", False))
+        self.cb_packed_gqa = bool(options.get("cb_packed_gqa", True))
         self.dispatch = StepDispatch()
 
     def load(self) -> None:
