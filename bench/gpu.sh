@@ -2,11 +2,14 @@
 # GPU benchmark: the server with a random-weight Llama-3.2-1B-shaped model (bf16, no download), 1, 16 and 64
 # concurrent SSE streams of 128-token prompts and 128 output tokens. In this order, so that a device call that runs
 # out of time loses the least:
-#   0. bench/gpu_checks.py: hf-cb's sampling under captured CUDA graphs, and each sampling chain's cost (checks.json);
+#   0. bench/gpu_checks.py: hf-cb's sampling under captured CUDA graphs, each sampling chain's cost, and masked
+#      attention's cost each way (checks.json; GPU_CHECKS="attention_cost ..." picks some);
 #   1. hf-cb through the server (CONCURRENCY, greedy as vLLM's bench; then SAMPLED_CONCURRENCY at temperature 1),
 #      then in-process (--direct, DIRECT_CONCURRENCY) for the overhead ratio;
-#   2. hf-cb variants (VARIANTS, default "stream1 forcegqa"), each on servers of their own, at 1 and
+#   2. hf-cb variants (VARIANTS, default "splitkeys stream1 forcegqa"), each on servers of their own, at 1 and
 #      VARIANT_CONCURRENCY streams unless said:
+#      splitkeys: TRIPOD_CB_SPLIT_KEYS=SPLIT_KEYS (default 1024), attention's keys in chunks run as one batch
+#        (--direct, then the server, at VARIANT_CONCURRENCY only);
 #      stream1: TRIPOD_STREAM_INTERVAL=1, every token its own chunk at any load (at VARIANT_CONCURRENCY only; the
 #        default, auto, sends chunks of 4 at 64 streams);
 #      forcegqa: TRIPOD_CB_PACKED_GQA=0 TRANSFORMERS_SDPA_FORCE_GQA=1, SDPA's own grouped-query mode with a mask
@@ -20,7 +23,7 @@
 #   4. hf through the server (HF_CONCURRENCY).
 # Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus logs; about 7 minutes on an H100 without hf)
 # Override MODEL=random:path.json, CONCURRENCY="1 16 64", SAMPLED_CONCURRENCY="1 64", DIRECT_CONCURRENCY="1 64",
-# VARIANTS="stream1 forcegqa nopackedgqa scaled kvpad16384", VARIANT_CONCURRENCY=64,
+# VARIANTS="splitkeys stream1 forcegqa nopackedgqa scaled kvpad16384", VARIANT_CONCURRENCY=64,
 # PROFILE_CONCURRENCY="1 64" or HF_CONCURRENCY="1 16" ("" skips one) to change the load; PYTHON picks the
 # interpreter. A device returns few files: pack OUT_DIR (tar) into its folder.
 set -uo pipefail
@@ -32,7 +35,9 @@ MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 SAMPLED_CONCURRENCY=${SAMPLED_CONCURRENCY-"1 64"}
 HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
-VARIANTS=${VARIANTS-"stream1 forcegqa"}
+VARIANTS=${VARIANTS-"splitkeys stream1 forcegqa"}
+SPLIT_KEYS=${SPLIT_KEYS:-1024}
+GPU_CHECKS=${GPU_CHECKS:-}
 VARIANT_CONCURRENCY=${VARIANT_CONCURRENCY:-64}
 DIRECT_CONCURRENCY=${DIRECT_CONCURRENCY-"1 64"}
 PROFILE_CONCURRENCY=${PROFILE_CONCURRENCY-"1 64"}
@@ -84,13 +89,17 @@ run_scaled() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget: Redis, a python -
 }
 
 start=$(date +%s)
-timeout 120 "$PYTHON" bench/gpu_checks.py "$OUT/checks.json" >"$OUT/checks.log" 2>&1 \
+timeout 120 "$PYTHON" bench/gpu_checks.py "$OUT/checks.json" $GPU_CHECKS >"$OUT/checks.log" 2>&1 \
     && echo "checks: $OUT/checks.json" || echo "checks: failed or timed out (checks.log)"
 SAMPLED=$SAMPLED_CONCURRENCY run_server hf-cb TRIPOD_ENGINE=hf-cb "$CONCURRENCY" 60
 for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf-cb --slots 64; done
 for variant in $VARIANTS; do
     case $variant in
         kvpad16384) run_server hf-cb-kvpad16384 "TRIPOD_ENGINE=hf-cb TRIPOD_CB_KV_PADDING=0" "1 $VARIANT_CONCURRENCY" 60 ;;
+        splitkeys)
+            TRIPOD_CB_SPLIT_KEYS=$SPLIT_KEYS bench direct-hf-cb-splitkeys "$VARIANT_CONCURRENCY" 90 --direct \
+                --engine hf-cb --slots 64
+            run_server hf-cb-splitkeys "TRIPOD_ENGINE=hf-cb TRIPOD_CB_SPLIT_KEYS=$SPLIT_KEYS" "$VARIANT_CONCURRENCY" 60 ;;
         stream1) run_server hf-cb-stream1 "TRIPOD_ENGINE=hf-cb TRIPOD_STREAM_INTERVAL=1" "$VARIANT_CONCURRENCY" 60 ;;
         forcegqa)
             TRIPOD_CB_PACKED_GQA=0 TRANSFORMERS_SDPA_FORCE_GQA=1 bench direct-hf-cb-forcegqa "$VARIANT_CONCURRENCY" 90 \

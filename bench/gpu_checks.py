@@ -8,10 +8,13 @@
 3. One layer's attention as transformers' continuous batching runs it without flash attention (SDPA with the
    batch's additive block-diagonal mask, 32 query heads on 8 key/value heads), at the cached lengths of one stream
    and of 64, against ways to run grouped heads without copying the keys and values four times (``repeat_kv``,
-   probably the 66 us elementwise kernel that is 24 % of a 64-stream step in the fourth H100 run's profile). Each
-   way's largest difference from the first is reported with its time.
+   the 66 us elementwise kernel that was 24 % of a 64-stream step in the fourth H100 run's profile), and the
+   packed way with its keys split into chunks of 512, 1,024 and 1,664 (``TRIPOD_CB_SPLIT_KEYS``). The key
+   lengths are what transformers pads to: a multiple of 1,024 plus the 64 padded query tokens. Each way's
+   largest difference from the first is reported with its time.
 
-Usage: python bench/gpu_checks.py OUT.json   (about a minute; prints the JSON too)
+Usage: python bench/gpu_checks.py OUT.json [CHECK ...]   (about a minute for all; prints the JSON too; CHECK names
+one of sampling_under_graphs, chain_cost, attention_cost)
 """
 
 from __future__ import annotations
@@ -75,6 +78,31 @@ def sampling_under_graphs() -> dict:
     }
 
 
+def captured(run):
+    """``run`` captured in a CUDA graph, after a warm-up off the capture: the graph's replay."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+def median_ms(run, repeats: int) -> float:
+    """The median time of ``repeats`` calls of ``run`` on the device, in milliseconds."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(sorted(times)[len(times) // 2], 4)
+
+
 def chain_cost(rows: int = 64, vocab: int = 128256, repeats: int = 50) -> dict:
     """Milliseconds per replay of each chain, captured alone in a CUDA graph, on ``rows`` rows of logits."""
     from tripod.engines.hf_cb import RequestSampling
@@ -86,27 +114,14 @@ def chain_cost(rows: int = 64, vocab: int = 128256, repeats: int = 50) -> dict:
     costs = {}
     for chain in [(), (3,), (0, 3), (0, 2, 3), (0, 1, 2, 3)]:
         sampling.chain = chain
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            sampling(None, scores, args).argmax(-1)  # warm-up, off the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            sampling(None, scores, args).argmax(-1)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(repeats):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        costs[str(chain)] = round(sorted(times)[len(times) // 2], 4)
+        costs[str(chain)] = median_ms(captured(lambda: sampling(None, scores, args).argmax(-1)), repeats)
     return {"rows": rows, "vocab": vocab, "median_ms_per_step": costs}
 
 
 def attention_ways(query, key, value, mask, groups: int) -> dict:
     """Ways to compute masked grouped-query attention; each returns [1, heads, q, dim]."""
+    from tripod.engines.grouped_attention import split_keys_sdpa
+
     sdpa = torch.nn.functional.scaled_dot_product_attention
     _, heads, q, dim = query.shape
     kv_heads = key.shape[1]
@@ -127,19 +142,29 @@ def attention_ways(query, key, value, mask, groups: int) -> dict:
         out = sdpa(stacked, key.expand(groups, -1, -1, -1), value.expand(groups, -1, -1, -1), attn_mask=mask)
         return out.transpose(0, 1).reshape(1, heads, q, dim)
 
+    def split_keys(chunk: int):  # packed, and the keys cut into chunks run as one batch (flash-decoding)
+        def run():
+            packed = query.reshape(1, kv_heads, groups * q, dim)
+            out = split_keys_sdpa(packed, key, value, mask.repeat(1, 1, groups, 1), None, chunk)
+            return out.reshape(1, heads, q, dim)
+
+        return run
+
     return {
         "repeat_kv": repeated,
         "enable_gqa": enable_gqa,
         "packed_queries": packed_queries,
         "heads_as_batch": heads_as_batch,
+        **{f"split_keys_{chunk}": split_keys(chunk) for chunk in (512, 1024, 1664)},
     }
 
 
 def attention_cost(repeats: int = 50) -> dict:
-    """Milliseconds per call of one layer's masked attention, each way, at one stream's and 64 streams' sizes."""
+    """Milliseconds per call of one layer's masked attention, each way, at one stream's and 64 streams' sizes,
+    eager and replayed from a CUDA graph."""
     heads, kv_heads, dim, q = 32, 8, 64, 64
     results = {}
-    for name, kv in (("1 stream", 1024), ("64 streams", 13312)):
+    for name, kv in (("1 stream", 1024 + 64), ("64 streams", 13312 + 64)):
         generator = torch.Generator(device="cuda").manual_seed(0)
         query = torch.randn(1, heads, q, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
         key = torch.randn(1, kv_heads, kv, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -155,15 +180,9 @@ def attention_cost(repeats: int = 50) -> dict:
         for way, run in ways.items():
             try:
                 difference = (run().float() - reference).abs().max().item()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                times = []
-                for _ in range(repeats):
-                    start.record()
-                    run()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                row[way] = {"median_ms": round(sorted(times)[len(times) // 2], 4), "max_difference": difference}
+                # Eager, and replayed from a CUDA graph as the engine runs a step (no launch costs).
+                row[way] = {"median_ms": median_ms(run, repeats), "max_difference": difference}
+                row[way]["graph_median_ms"] = median_ms(captured(run), repeats)
             except Exception as error:  # noqa: BLE001 - a way a kernel refuses is a result too
                 row[way] = {"error": repr(error)}
         results[f"{name} (q {q}, kv {kv})"] = row
@@ -173,7 +192,9 @@ def attention_cost(repeats: int = 50) -> dict:
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else None
     report: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    for check in (sampling_under_graphs, chain_cost, attention_cost):
+    checks = (sampling_under_graphs, chain_cost, attention_cost)
+    chosen = set(sys.argv[2:]) or {check.__name__ for check in checks}
+    for check in (check for check in checks if check.__name__ in chosen):
         name = check.__name__
         try:
             report[name] = check()

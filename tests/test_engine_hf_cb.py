@@ -381,6 +381,46 @@ def test_packed_grouped_attention_equals_transformers_own():
     torch.testing.assert_close(unmasked, sdpa_attention_forward(module, query, key, value, None)[0])
 
 
+@pytest.mark.parametrize("chunk", [4, 5, 10])
+def test_attention_with_split_keys_equals_the_whole(chunk):
+    """``TRIPOD_CB_SPLIT_KEYS``: chunks of keys as one batch, then a tail, weighed by their log-sum-exps: the same
+    attention, for rows that span chunks, rows inside one and the tail; a row masked everywhere (a padded query
+    token, whose output is dropped) stays finite, since the cache may take its keys and values."""
+    from tripod.engines.grouped_attention import split_keys_sdpa
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 2, length, 16, generator=generator) for length in (6, 23, 23))
+    mask = torch.full((1, 1, 6, 23), torch.finfo(torch.float32).min)
+    for row, (start, end) in enumerate([(0, 9), (0, 10), (10, 12), (12, 23), (22, 23)]):
+        mask[..., row, start:end] = 0  # row 5 sees nothing, as a padded query row may
+    ours = split_keys_sdpa(query, key, value, mask, 0.25, chunk)
+    theirs = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(ours[..., :5, :], theirs[..., :5, :])
+    assert ours[..., 5, :].isfinite().all()
+
+
+def test_the_engine_with_split_keys_gives_the_same_tokens(cb_model, chat_model, monkeypatch):
+    """Routed through the packed path with chunks of 2 keys (the test routes it: on CPU the engine leaves it off)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from tripod.engines import grouped_attention
+
+    reference = chat_model.generate(MESSAGES, max_tokens=24, temperature=0)
+    split_calls = []
+    split_keys_sdpa = grouped_attention.split_keys_sdpa
+
+    def recording(query, key, value, mask, scale, chunk):
+        split_calls.append(key.shape[2] // chunk)
+        return split_keys_sdpa(query, key, value, mask, scale, chunk)
+
+    monkeypatch.setattr(grouped_attention, "split_keys_sdpa", recording)
+    monkeypatch.setattr(grouped_attention, "_split_keys", 2)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", grouped_attention.packed_gqa_sdpa)
+    ours = cb_model.generate(MESSAGES, max_tokens=24, temperature=0)
+    assert split_calls and max(split_calls) > 2  # the prefill's keys went in several chunks
+    assert ours["choices"][0]["message"] == reference["choices"][0]["message"]
+
+
 def test_the_engine_with_packed_grouped_attention_gives_the_same_tokens(cb_model, chat_model, monkeypatch):
     """The tiny model has 4 query heads on 2 key/value heads; routed through the packed path, greedy is unchanged.
 
@@ -412,5 +452,6 @@ def test_packed_grouped_attention_is_on_by_default_and_left_out_on_cpu(cb_model)
 
     assert config().cb_packed_gqa is True
     assert cb_model.cb_packed_gqa is True
+    assert config().cb_split_keys == cb_model.cb_split_keys == 0  # split keys: opt-in
     assert cb_model.device == "cpu"
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # the engine left transformers' own in place

@@ -40,6 +40,7 @@ class Config:
     cb_cuda_graph: str
     cb_kv_padding: int
     cb_packed_gqa: bool
+    cb_split_keys: int
     eager_writes: bool
     cache_dir: Path
     max_body_bytes: int
@@ -122,6 +123,7 @@ def config() -> Config:
         cb_cuda_graph=str(raw.get("CB_CUDA_GRAPH", "auto")),
         cb_kv_padding=int(raw.get("CB_KV_PADDING", 1024)),
         cb_packed_gqa=bool(raw.get("CB_PACKED_GQA", True)),
+        cb_split_keys=int(raw.get("CB_SPLIT_KEYS", 0)),
         eager_writes=bool(raw.get("EAGER_WRITES", True)),
         cache_dir=Path(raw["CACHE_DIR"]).expanduser(),
         max_body_bytes=int(raw["MAX_BODY_BYTES"]),

@@ -130,6 +130,7 @@ TRIPOD = {
     "CB_KV_PADDING": int(os.environ.get("TRIPOD_CB_KV_PADDING", "1024")),
     # hf-cb on CUDA without flash attention: masked attention on grouped heads without copying keys and values.
     "CB_PACKED_GQA": os.environ.get("TRIPOD_CB_PACKED_GQA", "1") == "1",
+    "CB_SPLIT_KEYS": int(os.environ.get("TRIPOD_CB_SPLIT_KEYS", "0")),
     # daphne sends a response chunk at once when nothing is queued ahead of it (tripod/eager_writes.py).
     "EAGER_WRITES": os.environ.get("TRIPOD_EAGER_WRITES", "1") != "0",
     "CACHE_DIR": os.environ.get("TRIPOD_CACHE_DIR", str(Path.home() / ".cache" / "tripod")),

@@ -13,6 +13,13 @@ repeated ``groups`` times along its query axis (64 x 13,000 x 4 entries). This i
 which it applies to one query token, extended to many. On an H100 (fifth run, docs/BENCHMARKS.md) it took
 ``--direct`` at 64 streams from 3,148 to 3,557 tok/s and one stream through the server from 200 to 214, so it is on
 by default on CUDA; ``TRIPOD_CB_PACKED_GQA=0`` turns it off.
+
+Split keys (``TRIPOD_CB_SPLIT_KEYS=N``, opt-in): a flash-attention kernel parallelises over heads and query tiles
+only, so at 64 streams (8 key/value heads, 256 packed query rows) it gives a few dozen blocks of work to an H100's
+132 multiprocessors, each reading all 13,000 keys; the profile has that kernel at half of a step. Cutting the keys
+into chunks of N and running the chunks as a batch (views, no copies) multiplies the blocks; each chunk also
+returns the log-sum-exp of its rows' scores, which weighs the chunks' outputs into the whole softmax (the
+combination of flash-decoding). A row whose chunk is all masked gets the mask's minimum there, so its weight is 0.
 """
 
 from __future__ import annotations
@@ -20,6 +27,56 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# Keys per chunk when splitting the keys (0: no split); set by use_packed_gqa.
+_split_keys = 0
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's output ``[batch, heads, q, dim]`` and the log-sum-exp of each query row's scores ``[batch, heads, q]``.
+
+    PyTorch's public SDPA does not return the log-sum-exp; its kernels do. On CUDA: the memory-efficient kernel,
+    which takes a mask and strided (broadcast) inputs; on CPU: the flash kernel, for the tests.
+    """
+    if query.is_cuda:
+        output, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, mask, True, 0.0, False, scale=scale
+        )
+    else:
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=mask, scale=scale
+        )
+    return output, lse[..., : query.shape[-2]]
+
+
+def split_keys_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float | None, chunk: int
+) -> torch.Tensor:
+    """Masked attention of one sequence (batch 1) with its keys cut into chunks of ``chunk``, as one batch.
+
+    ``query`` ``[1, heads, q, dim]``, ``key``/``value`` ``[1, heads, k, dim]``, ``mask`` ``[1, 1, q, k]`` shared by
+    the heads. The whole chunks become the kernel's head axis and the heads its batch axis; the query and mask are
+    broadcast over them, not copied. The keys left over (transformers pads the keys to a multiple of 1,024 plus the
+    padded query length) take one more call.
+    """
+    _, heads, q_length, dim = query.shape
+    chunks, left = divmod(key.shape[2], chunk)
+    whole = chunks * chunk
+    queries = query[0].unsqueeze(1).expand(heads, chunks, q_length, dim)
+    keys = key[0, :, :whole].unflatten(1, (chunks, chunk))
+    values = value[0, :, :whole].unflatten(1, (chunks, chunk))
+    masks = mask[0, 0, :, :whole].unflatten(1, (chunks, chunk)).transpose(0, 1).unsqueeze(0).expand(heads, -1, -1, -1)
+    outputs, lse = attention_with_lse(queries, keys, values, masks, scale)  # [heads, chunks, q, dim], [.., q]
+    if left:
+        tail, tail_lse = attention_with_lse(query, key[:, :, whole:], value[:, :, whole:], mask[..., whole:], scale)
+        outputs = torch.cat([outputs, tail.transpose(0, 1)], 1)
+        lse = torch.cat([lse, tail_lse.transpose(0, 1)], 1)
+    weights = (lse - lse.amax(1, keepdim=True)).exp().nan_to_num_(0.0)  # a row masked everywhere: nan -> 0
+    total = weights.sum(1).clamp_min_(torch.finfo(weights.dtype).tiny)
+    merged = (outputs.float().nan_to_num_(0.0) * weights.unsqueeze(-1)).sum(1) / total.unsqueeze(-1)
+    return merged.to(query.dtype).unsqueeze(0)
 
 
 def packed_gqa_sdpa(
@@ -51,11 +108,17 @@ def packed_gqa_sdpa(
         )
     packed = query.reshape(batch, key.shape[1], groups * q_length, query.shape[-1])
     mask = attention_mask.repeat(1, 1, groups, 1)
-    output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
+    if _split_keys and batch == 1 and key.shape[2] >= 2 * _split_keys:
+        output = split_keys_sdpa(packed, key, value, mask, scaling, _split_keys)
+    else:
+        output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
     output = output.reshape(batch, heads, q_length, value.shape[-1])
     return output.transpose(1, 2).contiguous(), None
 
 
-def use_packed_gqa() -> None:
-    """Route this process's SDPA attention (every model in it) through ``packed_gqa_sdpa``."""
+def use_packed_gqa(split_keys: int = 0) -> None:
+    """Route this process's SDPA attention (every model in it) through ``packed_gqa_sdpa``; ``split_keys`` > 0
+    cuts a masked step's keys into chunks of that many when they divide evenly (``split_keys_sdpa``)."""
+    global _split_keys
+    _split_keys = split_keys
     ALL_ATTENTION_FUNCTIONS["sdpa"] = packed_gqa_sdpa

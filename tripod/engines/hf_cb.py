@@ -431,6 +431,7 @@ class HFContinuousBatchingModel(HFChatModel):
         kv_padding = options.get("cb_kv_padding")
         self.cb_kv_padding = KV_PADDING if kv_padding is None else int(kv_padding)
         self.cb_packed_gqa = bool(options.get("cb_packed_gqa", True))
+        self.cb_split_keys = int(options.get("cb_split_keys") or 0)
         self.dispatch = StepDispatch()
 
     def load(self) -> None:
@@ -472,7 +473,7 @@ class HFContinuousBatchingModel(HFChatModel):
         use_graph = on_gpu if self.cb_cuda_graph == "auto" else self.cb_cuda_graph in (True, "1", "true", "yes")
         packed_gqa = on_gpu and self.cb_packed_gqa  # on CPU, SDPA takes grouped heads with a mask itself (above)
         if packed_gqa:
-            use_packed_gqa()
+            use_packed_gqa(self.cb_split_keys)
         threads = torch.get_num_threads() if on_gpu else leave_a_core_for_the_server()
         cb_config = ContinuousBatchingConfig(
             num_blocks=self.cb_num_blocks,
@@ -506,7 +507,7 @@ class HFContinuousBatchingModel(HFChatModel):
         self.manager = manager
         logger.info(
             "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s kv_padding=%s async=%s"
-            " packed_gqa=%s torch_threads=%d",
+            " packed_gqa=%s split_keys=%d torch_threads=%d",
             self.device,
             self.cb_num_blocks,
             self.cb_max_batch_tokens,
@@ -514,6 +515,7 @@ class HFContinuousBatchingModel(HFChatModel):
             resolved.kv_padding_interval_size,
             resolved.use_async_batching,
             packed_gqa,
+            self.cb_split_keys if packed_gqa else 0,
             threads,
         )
 
