@@ -399,6 +399,30 @@ def test_attention_with_split_keys_equals_the_whole(chunk):
     assert ours[..., 5, :].isfinite().all()
 
 
+def test_split_keys_that_the_kernel_refuses_fall_back_to_whole_keys(monkeypatch, caplog):
+    """Fault injection: the log-sum-exp kernel raises (as CUDA's does for a mask it cannot align); the step still
+    gets its attention, from whole-key SDPA, and the process stops splitting."""
+    from tripod.engines import grouped_attention
+
+    def refusing(*args):
+        raise RuntimeError("attn_bias is not correctly aligned")
+
+    monkeypatch.setattr(grouped_attention, "attention_with_lse", refusing)
+    monkeypatch.setattr(grouped_attention, "_split_keys", 4)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (
+        torch.randn(1, heads, length, 16, generator=generator) for heads, length in ((4, 3), (2, 12), (2, 12))
+    )
+    mask = torch.zeros(1, 1, 3, 12)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    with caplog.at_level("WARNING", logger="tripod.engines.grouped_attention"):
+        ours, _ = grouped_attention.packed_gqa_sdpa(module, query, key, value, mask)
+    theirs = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ours, theirs.transpose(1, 2))
+    assert grouped_attention._split_keys == 0
+    assert "split keys turned off" in caplog.text
+
+
 def test_the_engine_with_split_keys_gives_the_same_tokens(cb_model, chat_model, monkeypatch):
     """Routed through the packed path with chunks of 2 keys (the test routes it: on CPU the engine leaves it off)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

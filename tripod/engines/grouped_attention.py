@@ -24,9 +24,13 @@ combination of flash-decoding). A row whose chunk is all masked gets the mask's 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+logger = logging.getLogger(__name__)
 
 # Keys per chunk when splitting the keys (0: no split); set by use_packed_gqa.
 _split_keys = 0
@@ -108,12 +112,25 @@ def packed_gqa_sdpa(
         )
     packed = query.reshape(batch, key.shape[1], groups * q_length, query.shape[-1])
     mask = attention_mask.repeat(1, 1, groups, 1)
+    output = None
     if _split_keys and batch == 1 and key.shape[2] >= 2 * _split_keys:
-        output = split_keys_sdpa(packed, key, value, mask, scaling, _split_keys)
-    else:
+        output = _split_or_none(packed, key, value, mask, scaling)
+    if output is None:
         output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
     output = output.reshape(batch, heads, q_length, value.shape[-1])
     return output.transpose(1, 2).contiguous(), None
+
+
+def _split_or_none(query, key, value, mask, scale) -> torch.Tensor | None:
+    """``split_keys_sdpa``, or None (and no more splitting) if the kernel refuses these inputs: its checks run
+    before anything is launched, so whole-key SDPA can take the step instead."""
+    global _split_keys
+    try:
+        return split_keys_sdpa(query, key, value, mask, scale, _split_keys)
+    except RuntimeError as error:
+        logger.warning("split keys turned off: the attention kernel refused them (%s)", error)
+        _split_keys = 0
+        return None
 
 
 def use_packed_gqa(split_keys: int = 0) -> None:
