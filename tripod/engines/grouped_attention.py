@@ -42,17 +42,24 @@ def attention_with_lse(
     """SDPA's output ``[batch, heads, q, dim]`` and the log-sum-exp of each query row's scores ``[batch, heads, q]``.
 
     PyTorch's public SDPA does not return the log-sum-exp; its kernels do. On CUDA: the memory-efficient kernel,
-    which takes a mask and strided (broadcast) inputs; on CPU: the flash kernel, for the tests.
+    which takes strided inputs but, unlike the public SDPA, a mask of exactly ``[batch, heads, q, k]`` (a broadcast
+    view of it is free); on CPU: the flash kernel, for the tests.
     """
+    batch, heads, q_length, _ = query.shape
+    mask = mask.expand(batch, heads, q_length, key.shape[2])
+    output, lse = _kernel_with_lse(query, key, value, mask, scale)
+    return output, lse[..., :q_length]
+
+
+def _kernel_with_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
     if query.is_cuda:
         output, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             query, key, value, mask, True, 0.0, False, scale=scale
         )
-    else:
-        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=mask, scale=scale
-        )
-    return output, lse[..., : query.shape[-2]]
+        return output, lse
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=mask, scale=scale
+    )
 
 
 def split_keys_sdpa(
