@@ -16,7 +16,6 @@ from tripod.engines.hf_cb import (
     RequestSampling,
     SamplingKeyedGraphs,
     key_graphs_by_sampling,
-    leave_a_core_for_the_server,
     noise_key,
     uniform_noise,
 )
@@ -257,23 +256,6 @@ def test_noise_is_a_pure_function_of_the_key():
     assert abs(float(many.mean()) - 0.5) < 0.01
 
 
-def test_torch_leaves_a_core_to_the_server_unless_omp_num_threads_says(monkeypatch):
-    import torch
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(4)
-        monkeypatch.setenv("OMP_NUM_THREADS", "4")
-        assert leave_a_core_for_the_server() == 4
-        monkeypatch.delenv("OMP_NUM_THREADS")
-        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
-        assert leave_a_core_for_the_server() == 3
-        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
-        assert leave_a_core_for_the_server() == 1
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_the_batching_loop_never_keeps_a_process_alive(cb_model):
     # A non-daemon loop thread made `python -m tripod.bench --direct --engine hf-cb` (and daphne) hang at exit.
     assert cb_model.manager._generation_thread.daemon
@@ -351,6 +333,16 @@ def test_kv_padding_is_1024_by_default(cb_model):
     from tripod.conf import config
 
     assert config().cb_kv_padding == 1024
+
+
+def test_the_engine_samples_the_governor_on_its_batching_thread(cb_model, monkeypatch):
+    """On CPU, torch's pool follows the machine's load (tripod/engines/cpu_threads.py), asked before each step."""
+    governor = cb_model.core_governor
+    assert governor is not None, "on CPU with two cores and no OMP_NUM_THREADS, hf-cb governs torch's threads"
+    threads = []
+    monkeypatch.setattr(governor, "sample", lambda: threads.append(threading.current_thread().name) or 1)
+    cb_model.generate(MESSAGES, max_tokens=4, temperature=0)
+    assert threads and threading.main_thread().name not in threads
 
 
 def test_on_cpu_a_step_takes_at_most_256_tokens_by_default(cb_model):

@@ -33,6 +33,7 @@ from transformers.generation.continuous_batching.utils import CudaGraphBuffer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tripod.engines.base import END, Delta, Prompt, PushItem, RawGeneration
+from tripod.engines.cpu_threads import governed_threads, leave_a_core_for_the_server
 from tripod.engines.grouped_attention import use_packed_gqa
 from tripod.engines.hf import HFChatModel
 from tripod.engines.text import IncrementalDetokenizer
@@ -216,19 +217,6 @@ def key_graphs_by_sampling(manager: Any, sampling: RequestSampling) -> None:
         return processor
 
     manager._create_batch_processor = make_keyed
-
-
-def leave_a_core_for_the_server() -> int:
-    """On CPU, give torch's intra-op pool one core fewer than this process may use (at least one); return its size.
-
-    The batching thread is the only thread that runs the model, and its idle OpenMP workers spin between operators:
-    with every core in the pool, they take the core that the server's event loop, the streams and the clients need
-    (vLLM's CPU backend reserves a core for the same reason). ``OMP_NUM_THREADS`` in the environment wins.
-    """
-    if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
-    return torch.get_num_threads()
 
 
 class StepDispatch:
@@ -433,9 +421,12 @@ class HFContinuousBatchingModel(HFChatModel):
         self.cb_packed_gqa = bool(options.get("cb_packed_gqa", True))
         self.cb_split_keys = int(options.get("cb_split_keys") or 0)
         self.dispatch = StepDispatch()
+        self.core_governor = None
 
     def load(self) -> None:
         super().load()
+        # On CPU, torch's pool grows to every core while the rest of the machine is idle (cpu_threads.py).
+        self.core_governor = None if self.device.startswith("cuda") else governed_threads(self.model)
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         self._manager_lock = threading.Lock()
         self._start_manager()
