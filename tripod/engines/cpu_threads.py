@@ -91,12 +91,8 @@ class CoreGovernor:
     ) -> None:
         self.cpus, self.most, self.fewest = cpus, most, max(1, most - 1)
         self.threads = self.fewest
-        self.interval, self.busy_above, self.quiet_below, self.quiet_samples = (
-            interval,
-            busy_above,
-            quiet_below,
-            quiet_samples,
-        )
+        self.interval = interval
+        self.busy_above, self.quiet_below, self.quiet_samples = busy_above, quiet_below, quiet_samples
         self._busy, self._own, self._clock = busy, own, clock
         self._at, self._busy_then, self._own_then = clock(), busy(cpus) or 0.0, own()
         self._quiet = 0

@@ -129,8 +129,8 @@ def packed_gqa_sdpa(
 
 
 def _split_or_none(query, key, value, mask, scale) -> torch.Tensor | None:
-    """``split_keys_sdpa``, or None (and no more splitting) if the kernel refuses these inputs: its checks run
-    before anything is launched, so whole-key SDPA can take the step instead."""
+    """``split_keys_sdpa``, or None (and no more splitting) if the kernel refuses these inputs: its checks raise on
+    the host, so whole-key SDPA can still take the step (what the split launched before is wasted, not wrong)."""
     global _split_keys
     try:
         return split_keys_sdpa(query, key, value, mask, scale, _split_keys)
@@ -142,7 +142,7 @@ def _split_or_none(query, key, value, mask, scale) -> torch.Tensor | None:
 
 def use_packed_gqa(split_keys: int = 0) -> None:
     """Route this process's SDPA attention (every model in it) through ``packed_gqa_sdpa``; ``split_keys`` > 0
-    cuts a masked step's keys into chunks of that many when they divide evenly (``split_keys_sdpa``)."""
+    cuts a masked step's keys into chunks of that many when it has two chunks' worth (``split_keys_sdpa``)."""
     global _split_keys
     _split_keys = split_keys
     ALL_ATTENTION_FUNCTIONS["sdpa"] = packed_gqa_sdpa

@@ -498,7 +498,7 @@ class HFContinuousBatchingModel(HFChatModel):
         self.manager = manager
         logger.info(
             "continuous batching on %s: num_blocks=%s max_batch_tokens=%s cuda_graph=%s kv_padding=%s async=%s"
-            " packed_gqa=%s split_keys=%d torch_threads=%d",
+            " packed_gqa=%s split_keys=%d torch_threads=%d%s",
             self.device,
             self.cb_num_blocks,
             self.cb_max_batch_tokens,
@@ -508,6 +508,7 @@ class HFContinuousBatchingModel(HFChatModel):
             packed_gqa,
             self.cb_split_keys if packed_gqa else 0,
             threads,
+            " (governed: grows to every core while the machine is quiet)" if self.core_governor else "",
         )
 
     def _start_raw(
