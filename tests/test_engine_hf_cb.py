@@ -402,12 +402,12 @@ def test_attention_with_split_keys_equals_the_whole(chunk, monkeypatch):
 
 
 def test_split_keys_that_the_kernel_refuses_fall_back_to_whole_keys(monkeypatch, caplog):
-    """Fault injection: the log-sum-exp kernel raises (as CUDA's does for a mask it cannot align); the step still
-    gets its attention, from whole-key SDPA, and the process stops splitting."""
+    """Fault injection: the log-sum-exp kernel raises (as CUDA's did on the H200 for a mask it would not take); the
+    step still gets its attention, from whole-key SDPA, and the process stops splitting."""
     from tripod.engines import grouped_attention
 
     def refusing(*args):
-        raise RuntimeError("attn_bias is not correctly aligned")
+        raise RuntimeError("attn_bias: wrong shape (head dimension)")
 
     monkeypatch.setattr(grouped_attention, "attention_with_lse", refusing)
     monkeypatch.setattr(grouped_attention, "_split_keys", 4)
