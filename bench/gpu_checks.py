@@ -120,7 +120,7 @@ def chain_cost(rows: int = 64, vocab: int = 128256, repeats: int = 50) -> dict:
 
 def attention_ways(query, key, value, mask, groups: int) -> dict:
     """Ways to compute masked grouped-query attention; each returns [1, heads, q, dim]."""
-    from tripod.engines.grouped_attention import split_keys_sdpa
+    from tripod.engines.grouped_attention import packed_attention
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     _, heads, q, dim = query.shape
@@ -129,26 +129,19 @@ def attention_ways(query, key, value, mask, groups: int) -> dict:
     def repeated():  # transformers' way with a mask on CUDA
         return sdpa(query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask)
 
-    def enable_gqa():  # TRANSFORMERS_SDPA_FORCE_GQA=1: may fall back to the math kernel on CUDA
+    def enable_gqa():  # TRANSFORMERS_SDPA_FORCE_GQA=1; with a mask on CUDA transformers avoids it (math kernel)
         return sdpa(query, key, value, attn_mask=mask, enable_gqa=True)
 
-    def packed_queries():  # each key/value head's query heads stacked on the query axis, the mask repeated to match
-        packed = query.reshape(1, kv_heads, groups * q, dim)
-        out = sdpa(packed, key, value, attn_mask=mask.repeat(1, 1, groups, 1))
-        return out.reshape(1, heads, q, dim)
+    def packed_queries():  # the engine's way (TRIPOD_CB_PACKED_GQA): query heads stacked, the mask repeated
+        return packed_attention(query, key, value, mask, None)
 
     def heads_as_batch():  # the query heads of a group as a batch; keys and values broadcast over it, not copied
         stacked = query.reshape(kv_heads, groups, q, dim).transpose(0, 1)
         out = sdpa(stacked, key.expand(groups, -1, -1, -1), value.expand(groups, -1, -1, -1), attn_mask=mask)
         return out.transpose(0, 1).reshape(1, heads, q, dim)
 
-    def split_keys(chunk: int):  # packed, and the keys cut into chunks run as one batch (flash-decoding)
-        def run():
-            packed = query.reshape(1, kv_heads, groups * q, dim)
-            out = split_keys_sdpa(packed, key, value, mask.repeat(1, 1, groups, 1), None, chunk)
-            return out.reshape(1, heads, q, dim)
-
-        return run
+    def split_keys(chunk: int):  # packed, and the keys cut into chunks run as one batch (TRIPOD_CB_SPLIT_KEYS)
+        return lambda: packed_attention(query, key, value, mask, None, chunk)
 
     return {
         "repeat_kv": repeated,

@@ -117,27 +117,41 @@ def packed_gqa_sdpa(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    packed = query.reshape(batch, key.shape[1], groups * q_length, query.shape[-1])
-    mask = attention_mask.repeat(1, 1, groups, 1)
-    output = None
-    if _split_keys and batch == 1 and key.shape[2] >= 2 * _split_keys:
-        output = _split_or_none(packed, key, value, mask, scaling)
-    if output is None:
-        output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
-    output = output.reshape(batch, heads, q_length, value.shape[-1])
+    global _split_keys
+    split = _split_keys if batch == 1 and key.shape[2] >= 2 * _split_keys else 0
+    try:
+        output = packed_attention(query, key, value, attention_mask, scaling, split)
+    except RuntimeError as error:
+        if not split:
+            raise
+        # The kernel's checks raise on the host, so whole-key SDPA can still take the step (what the split
+        # launched before is wasted, not wrong); the process stops splitting.
+        logger.warning("split keys turned off: the attention kernel refused them (%s)", error)
+        _split_keys = 0
+        output = packed_attention(query, key, value, attention_mask, scaling)
     return output.transpose(1, 2).contiguous(), None
 
 
-def _split_or_none(query, key, value, mask, scale) -> torch.Tensor | None:
-    """``split_keys_sdpa``, or None (and no more splitting) if the kernel refuses these inputs: its checks raise on
-    the host, so whole-key SDPA can still take the step (what the split launched before is wasted, not wrong)."""
-    global _split_keys
-    try:
-        return split_keys_sdpa(query, key, value, mask, scale, _split_keys)
-    except RuntimeError as error:
-        logger.warning("split keys turned off: the attention kernel refused them (%s)", error)
-        _split_keys = 0
-        return None
+def packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None,
+    split_keys: int = 0,
+) -> torch.Tensor:
+    """Masked grouped-query attention, ``[batch, heads, q, dim]`` in and out, each key/value head's query heads
+    stacked along the query axis and the mask (shared by all heads) repeated to match; with ``split_keys``, the keys
+    in chunks of that many (``split_keys_sdpa``, batch 1)."""
+    batch, heads, q_length, dim = query.shape
+    groups = heads // key.shape[1]
+    packed = query.reshape(batch, key.shape[1], groups * q_length, dim)
+    mask = mask.repeat(1, 1, groups, 1)
+    if split_keys:
+        output = split_keys_sdpa(packed, key, value, mask, scale, split_keys)
+    else:
+        output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scale)
+    return output.reshape(batch, heads, q_length, value.shape[-1])
 
 
 def use_packed_gqa(split_keys: int = 0) -> None:
