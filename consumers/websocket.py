@@ -1,6 +1,7 @@
 """WebSocket ``/ws/chat/``: many generations per socket, each with a client-chosen id.
 
-The protocol is in ``docs/websocket.md``. A bad frame gets an error frame and the socket stays open.
+The protocol is in ``docs/websocket.md``. A bad frame gets an error frame and the socket stays open; a key
+revoked while the socket is open gets an error frame and the socket closed (code ``KEY_REVOKED_CLOSE_CODE``).
 """
 
 from __future__ import annotations
@@ -18,21 +19,52 @@ from tripod.conf import config
 from tripod.errors import APIError, EngineFailure, InvalidRequest
 from tripod.logs import REQUEST_ID, clean_request_id
 from tripod.protocol import parse_chat_request, parse_completion_request
+from tripod.registry import RegistryUnavailable, get_registry
 
 logger = logging.getLogger(__name__)
 MAX_ID_LENGTH = 128
 _FRAME_FIELDS = frozenset({"type", "id"})
+# The close code of a socket whose key stopped being valid (revoked, expired, deleted): 4000 + HTTP's 401.
+KEY_REVOKED_CLOSE_CODE = 4401
+
+
+async def fair_share(model: str) -> int:
+    """Generations one socket may run at once for ``model``: half the slots that serve it (at least one), so
+    that a socket which never reads cannot hold every slot while other clients wait, and at most
+    ``TRIPOD_WS_MAX_INFLIGHT``."""
+    cfg = config()
+    registry = get_registry()
+    if registry is None:
+        from tripod.engines import engine_class  # the embedded worker's engine: imported by now
+
+        slots = cfg.slots or engine_class(cfg.engine).default_slots
+    else:
+        try:
+            workers = await registry.workers()
+        except RegistryUnavailable:
+            workers = []  # the job itself reports the outage
+        slots = sum(int(w.get("slots", 0)) for w in workers if w.get("model") == model and not w.get("draining"))
+    return max(1, min(cfg.ws_max_inflight, slots // 2))
+
+
+class _SocketClosed(Exception):
+    """The socket was closed while handling a frame: nothing more to send."""
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
     """Runs each request frame as its own task, so that requests on one socket overlap."""
 
+    # No channel-layer channel of its own: nothing sends to a socket through the layer (its jobs' events come on
+    # their reply channels), and in scaled mode each consumer channel is one more blocking Redis reader in the
+    # process. ``get_channel_layer`` answers None for an alias that is not configured.
+    channel_layer_alias = None
+
     async def connect(self) -> None:
         self.jobs: dict[str, tuple[asyncio.Task, GenerationJob]] = {}
         subprotocols = self.scope.get("subprotocols") or []
-        token = websocket_token(dict(self.scope.get("headers") or []), subprotocols)
+        self.token = websocket_token(dict(self.scope.get("headers") or []), subprotocols)
         try:
-            self.principal = await authenticate_async(token)
+            self.principal = await authenticate_async(self.token)
         except APIError:
             await self.close()  # refuses the handshake (HTTP 403); the key is never echoed
             return
@@ -70,6 +102,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.handle_frame(frame)
         except APIError as error:
             await self.send_error(request_id, error)
+        except _SocketClosed:
+            pass
 
     async def handle_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
@@ -100,6 +134,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await job.cancel()
             return
         body = {k: v for k, v in frame.items() if k not in _FRAME_FIELDS}
+        if kind in ("chat", "completion"):
+            await self.recheck_key(request_id)
         if kind == "chat":
             request = parse_chat_request(body, max_messages=config().max_messages)
         elif kind == "completion":
@@ -110,10 +146,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise InvalidRequest(
                 f"A request with id {request_id!r} is already running.", param="id", code="duplicate_id"
             )
-        limit = config().ws_max_inflight
+        limit = await fair_share(request.model or config().served_model_name)
         if len(self.jobs) >= limit:
             raise APIError(
-                f"At most {limit} requests may run at once on one socket.",
+                f"At most {limit} requests may run at once on one socket (half the model's slots, at most "
+                f"TRIPOD_WS_MAX_INFLIGHT); wait for one to finish.",
                 param="id",
                 code="too_many_requests",
                 status=429,
@@ -123,6 +160,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
         task = asyncio.create_task(self.run_job(request_id, job))
         self.jobs[key] = (task, job)
         task.add_done_callback(lambda _: self.jobs.pop(key, None))
+
+    async def recheck_key(self, request_id: Any) -> None:
+        """Each new request checks the socket's key again (through the key cache), so a key revoked after the
+        handshake stops working within the cache's lifetime, as on REST; then the socket closes."""
+        try:
+            self.principal = await authenticate_async(self.token)
+        except APIError as error:
+            await self.send_error(request_id, error)
+            await self.close(code=KEY_REVOKED_CLOSE_CODE)
+            raise _SocketClosed from None
 
     async def run_job(self, request_id: Any, job: GenerationJob) -> None:
         """Frames for one request: start, deltas, done (or error)."""

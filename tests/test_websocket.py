@@ -105,22 +105,53 @@ async def test_prompt_too_long_is_an_error_frame_for_that_request(ws):
     assert frames[-1]["error"]["code"] == "context_length_exceeded"
 
 
-async def test_duplicate_ids_and_the_per_socket_limit(ws):
-    for i in range(4):
+def per_socket_limit(request) -> int:
+    """Half the engine's slots (hf: 4, hf-cb: 64), at most the server's TRIPOD_WS_MAX_INFLIGHT (4)."""
+    slots = 4 if request.node.callspec.params["server"] == "hf" else 64
+    return min(4, slots // 2)
+
+
+async def test_duplicate_ids_and_the_per_socket_limit(request, ws):
+    limit = per_socket_limit(request)
+    for i in range(limit):
         await ws.send(json.dumps({"type": "chat", "id": f"j{i}", **chat_body(max_tokens=1800, ignore_eos=True)}))
     await ws.send(json.dumps({"type": "chat", "id": "j0", **chat_body()}))
-    await ws.send(json.dumps({"type": "chat", "id": "j5", **chat_body()}))
+    await ws.send(json.dumps({"type": "chat", "id": "over", **chat_body()}))
     errors = {}
     while len(errors) < 2:
         frame = json.loads(await ws.recv())
         if frame["type"] == "error":
             errors[frame["id"]] = frame["error"]["code"]
-    assert errors == {"j0": "duplicate_id", "j5": "too_many_requests"}
-    for i in range(4):
+    assert errors == {"j0": "duplicate_id", "over": "too_many_requests"}
+    for i in range(limit):
         await ws.send(json.dumps({"type": "cancel", "id": f"j{i}"}))
     done = set()
-    while len(done) < 4:
+    while len(done) < limit:
         frame = json.loads(await ws.recv())
         if frame["type"] == "done":
             assert frame["finish_reason"] == "cancelled"
             done.add(frame["id"])
+
+
+async def test_a_socket_that_never_reads_leaves_slots_for_other_clients(request, server):
+    """A socket may hold half the slots: another client's request runs beside its long generations at once,
+    instead of queueing behind them (before, 8 per socket could fill the 4 slots of ``hf``)."""
+    greedy = await websockets.connect(server.ws_url + "/ws/chat/", open_timeout=10)
+    try:
+        for i in range(4):  # sent, and then never read until the other client is done
+            await greedy.send(json.dumps({"type": "chat", "id": f"g{i}", **chat_body(max_tokens=1800)}))
+        async with websockets.connect(server.ws_url + "/ws/chat/", open_timeout=10) as other:
+            await other.send(json.dumps({"type": "chat", "id": "o", **chat_body(max_tokens=4)}))
+            assert (await frames_until_done(other, "o"))[-1]["finish_reason"] == "length"
+        running = [f"g{i}" for i in range(per_socket_limit(request))]
+        for request_id in running:
+            await greedy.send(json.dumps({"type": "cancel", "id": request_id}))
+        ended = {}
+        while len(ended) < 4:
+            frame = json.loads(await greedy.recv())
+            if frame["type"] in ("done", "error"):
+                ended.setdefault(frame["id"], frame.get("finish_reason") or frame["error"]["code"])
+        # The greedy socket's own share was still generating when the other client finished; the rest was refused.
+        assert ended == {i: "cancelled" if i in running else "too_many_requests" for i in ended}, ended
+    finally:
+        await greedy.close()

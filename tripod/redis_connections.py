@@ -13,8 +13,10 @@ that takes Redis dying at that instant, which loses its data anyway.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from channels_redis.core import RedisChannelLayer
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -29,10 +31,30 @@ def connection_options(read_timeout: float, connect_timeout: float = 1.0) -> dic
     }
 
 
+# Every process-local channel of a process (reply channels, a worker's control channel, any consumer's own
+# channel) is named LOCAL_CHANNELS + the process's client prefix + "!" + what it is for.
+LOCAL_CHANNELS = "tripod.local."
+
+
+class OneKeyRedisChannelLayer(RedisChannelLayer):
+    """channels_redis with all of a process's local channels in one Redis key, so one reader serves them all.
+
+    channels_redis stores a local channel (``name!suffix``) under the key of its part before ``!`` and reads every
+    local channel of a process under one lock, whose holder pops that one key until a message arrives there. With
+    the stock names, ``new_channel("specific")`` (what every Channels consumer gets) and
+    ``new_channel("tripod.reply.")`` are two keys: an idle consumer's receive held the lock on its own empty key,
+    and the reply channels of every generation in that process were never read. Here every local channel shares
+    one key, so whichever receive holds the lock pops messages for all of them and hands each to its waiter.
+    """
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        return f"{LOCAL_CHANNELS}{self.client_prefix}!{prefix.strip('.')}.{uuid.uuid4().hex}"
+
+
 def redis_channel_layer(url: str, queue_timeout: float) -> dict[str, Any]:
     """The ``CHANNEL_LAYERS`` entry of a scaled deployment: channels_redis on ``url``."""
     return {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "tripod.redis_connections.OneKeyRedisChannelLayer",
         "CONFIG": {
             # redis-py 8 reads with a 5 s socket timeout by default, which aborts channels_redis's 5 s
             # blocking BZPOPMIN (django/channels_redis#422): read timeout above it, connects fail fast.
@@ -40,8 +62,8 @@ def redis_channel_layer(url: str, queue_timeout: float) -> dict[str, Any]:
             # A job may wait in its model's channel as long as the queue timeout allows.
             "expiry": int(queue_timeout) + 60,
             "capacity": 1000,
-            # Every reply channel of one web process shares one Redis key (and this capacity);
-            # deltas are coalesced, so this holds hundreds of concurrent streams with room to spare.
-            "channel_capacity": {"tripod.reply.*": 50000, "tripod.generate.*": 10000},
+            # Every local channel of one process (all its reply channels) shares one Redis key and this
+            # capacity; deltas are coalesced, so this holds hundreds of concurrent streams with room to spare.
+            "channel_capacity": {LOCAL_CHANNELS + "*": 50000, "tripod.generate.*": 10000},
         },
     }
