@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, WorkerProcess, manage
+from tests.processes import LiveServer, WorkerProcess
 
 
 async def ws_chat(ws_url: str, body: dict, headers: dict | None = None) -> dict:
