@@ -8,6 +8,8 @@ must come back word for word, ending at the model's end-of-turn token (``finish_
 from __future__ import annotations
 
 import json
+import math
+import random
 import shutil
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tripod.conf import config as tripod_config
 from tripod.engines import ChatModel
 from tripod.training.config import TrainConfig, load_config
 from tripod.training.errors import TrainingError
-from tripod.training.losslog import LOG_NAME, PLOT_NAME, read_loss_log
+from tripod.training.losslog import LOG_NAME, PLOT_NAME, loss_figure, read_loss_log
 from tripod.training.models import TrainingRun
 from tripod.training.trainer import train
 
@@ -116,6 +118,37 @@ def assert_answers_word_for_word(env: dict[str, str]) -> None:
         server.stop()
 
 
+def smoothed_line(entries: list[dict]) -> list[float]:
+    """The values of the plot's line labelled "smoothed", as ``training_loss.png`` draws it."""
+    (line,) = [line for line in loss_figure(entries, "run").axes[0].get_lines() if line.get_label() == "smoothed"]
+    return [float(value) for value in line.get_ydata()]
+
+
+def noisy_log(steps: range, trend, noise: float) -> tuple[list[dict], list[float]]:
+    """Log entries around ``trend(step)``, each off by a seeded random factor; and the trend itself."""
+    rng = random.Random(19)
+    truth = [trend(step) for step in steps]
+    return [{"step": s, "loss": t * math.exp(rng.gauss(0, noise))} for s, t in zip(steps, truth, strict=True)], truth
+
+
+def test_the_smoothed_loss_follows_the_loss_to_its_end():
+    # A short log like the LoRA example's: fifteen points falling from 8 to 0.02 (a moving average ended at 0.8).
+    entries, truth = noisy_log(range(10, 160, 10), lambda step: 8 * math.exp(-0.042 * (step - 10)) + 0.01, 0.2)
+    line = smoothed_line(entries)
+    assert line[-1] == pytest.approx(truth[-1], rel=0.3), (line, truth)
+    assert line[0] == pytest.approx(truth[0], rel=0.3), (line, truth)
+
+    # A long, noisy log: the line is nearer the trend than the losses are, and ends on it.
+    entries, truth = noisy_log(range(1, 1001), lambda step: 3 * math.exp(-step / 200) + 0.5, 0.3)
+    line = smoothed_line(entries)
+
+    def error(values):
+        return math.sqrt(sum((math.log(v / t)) ** 2 for v, t in zip(values, truth, strict=True)) / len(truth))
+
+    assert error(line) < error([entry["loss"] for entry in entries]) / 3
+    assert line[-1] == pytest.approx(truth[-1], rel=0.1) and line[0] == pytest.approx(truth[0], rel=0.1)
+
+
 @pytest.mark.django_db
 def test_full_fine_tuning_memorises_and_the_server_serves_it(dataset, tmp_path):
     out = tmp_path / "full"
@@ -154,6 +187,8 @@ def test_lora_adapter_memorises_and_the_server_serves_it_with_tripod_adapter(dat
     assert adapter_config["r"] == 16
     assert not (out / "model.safetensors").exists(), "an adapter, not a model"
     assert not list(out.glob("checkpoint-*")), "save_steps: 0 keeps only the final adapter"
+    log = read_loss_log(out / LOG_NAME)
+    assert len(log) == 15 and smoothed_line(log)[-1] == pytest.approx(log[-1]["loss"], rel=0.5), log
 
     assert_answers_word_for_word({"TRIPOD_MODEL": "tiny", "TRIPOD_ADAPTER": str(out)})
 
