@@ -133,6 +133,27 @@ def test_bad_tokens_and_ids_are_refused(server):
     assert unknown_model.status_code == 404
 
 
+@pytest.mark.parametrize(
+    "expiry",
+    ["soon", None, [1], {"at": 1}, True, float("nan"), float("inf"), 10**400],
+    ids=["text", "missing", "list", "object", "bool", "nan", "inf", "huge-int"],
+)
+def test_a_validly_signed_token_with_a_malformed_expiry_is_refused_not_a_500(server, expiry):
+    """Signed with the server's own secret (the same signing code), so only the expiry is wrong."""
+    from django.core import signing
+
+    from tripod import streams
+
+    stream = start(server.url, chat_body(max_tokens=2))
+    claims = {"s": stream["id"], "e": expiry} if expiry is not None else {"s": stream["id"]}
+    token = signing.dumps(claims, salt=streams._SALT, compress=False)
+    assert streams.sign(stream["id"], 1) != token  # a real signature over different claims
+    for method in ("GET", "DELETE"):
+        response = httpx.request(method, server.url + f"/v1/streams/{stream['id']}?token={token}", timeout=30)
+        assert response.status_code == 403, (method, expiry, response.text)
+        assert response.json()["error"]["code"] == "invalid_stream_token"
+
+
 def cancel_mid_stream(web_start: str, web_read: str, web_cancel: str) -> list[tuple[int | None, str]]:
     stream = start(web_start, chat_body(**LONG, stream_options={"include_usage": True}))
     _, first = read(web_read, stream, limit=5)

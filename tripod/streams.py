@@ -15,6 +15,7 @@ cannot send headers.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 import weakref
@@ -77,6 +78,16 @@ def sign(stream_id: str, expires_at: int) -> str:
     return signing.dumps({"s": stream_id, "e": expires_at}, salt=_SALT, compress=False)
 
 
+def _expiry(value: object) -> float:
+    """The token's expiry as Unix time; only ``sign`` makes tokens, but one signed with the same secret
+    elsewhere may carry anything there, and that is a bad token, not a server error."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e12:
+        expires_at = float(value)
+        if math.isfinite(expires_at):
+            return expires_at
+    raise StreamTokenInvalid("The stream token is not valid: its expiry is not a time.")
+
+
 def verify(stream_id: str, token: str | None) -> None:
     """Accept ``token`` for ``stream_id`` or raise ``StreamTokenInvalid`` (bad, foreign or expired)."""
     if not token:
@@ -87,7 +98,8 @@ def verify(stream_id: str, token: str | None) -> None:
         raise StreamTokenInvalid("The stream token is not valid.") from None
     if not isinstance(claims, dict) or claims.get("s") != stream_id:
         raise StreamTokenInvalid("The stream token is for another stream.")
-    if time.time() > float(claims.get("e", 0)):
+    expires_at = _expiry(claims.get("e"))
+    if time.time() > expires_at:
         raise StreamTokenInvalid(
             "The stream URL has expired; start a new stream with POST /v1/streams.", code="stream_expired"
         )
