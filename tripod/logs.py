@@ -21,6 +21,14 @@ HEADER = "X-Request-ID"
 # One line per HTTP request (daphne's own access log is switched off: it is not JSON).
 access_log = logging.getLogger("tripod.access")
 _VALID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Secrets a line may carry: a query parameter named like a credential (a key sent as ``?api_key=``, a stream
+# URL's ``?token=``), a bearer credential (header or ``bearer.<key>`` subprotocol), a stored key anywhere.
+_SECRET_PARAM = re.compile(
+    r"(?i)((?:^|[?&;\s'\"])(?:api[_-]?key|key|token|access[_-]?token|auth|password|secret)=)[^&;\s'\"#<>]*"
+)
+_BEARER = re.compile(r"(?i)(\bbearer[ .:=]+)[^\s,;'\"<>]+")
+_STORED_KEY = re.compile(r"\btpd_[A-Za-z0-9_-]{4,}")
+REDACTED = "[redacted]"
 # LogRecord attributes that are not user-supplied ``extra`` fields.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
 
@@ -32,12 +40,51 @@ def clean_request_id(value: str | None) -> str:
     return uuid.uuid4().hex
 
 
+def redact(text: str) -> str:
+    """``text`` with every credential it carries replaced by ``[redacted]``."""
+    if not text:
+        return text
+    text = _SECRET_PARAM.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+    return _STORED_KEY.sub("tpd_" + REDACTED, text)
+
+
+def _safe_extra(value: object) -> object:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    path = getattr(value, "path", None)
+    if isinstance(path, str) and hasattr(value, "method"):
+        # An HttpRequest (django.request passes one): its repr has the full query string.
+        return f"<{type(value).__name__}: {value.method} {redact(path)!r}>"
+    return redact(value if isinstance(value, str) else str(value))
+
+
 class RequestIDFilter(logging.Filter):
-    """Stamps each record with the request id of the context it was logged in."""
+    """Stamps each record with the request id of the context it was logged in, and takes every secret out of
+    it (message, arguments, ``extra`` fields, traceback), whichever logger wrote it (Django's ``django.request``
+    puts the request, full query string and all, in ``extra``; daphne's runserver logs the whole URI)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", None):
             record.request_id = REQUEST_ID.get()
+        if getattr(record, "_tripod_redacted", False):
+            return True
+        record._tripod_redacted = True
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is the formatter's to report
+            message = None
+        if message is not None:
+            record.msg, record.args = redact(message), None
+        for name, value in list(vars(record).items()):
+            if name not in _STANDARD and not name.startswith("_") and name != "request_id":
+                setattr(record, name, _safe_extra(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 
@@ -53,8 +100,8 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", None),
         }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_text or record.exc_info:
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
