@@ -87,6 +87,13 @@ def manage(db_path: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def create_key(db_path: str, name: str, *flags: str) -> str:
+    """A stored API key made with ``manage.py tripod_keys create`` in a test server's database."""
+    result = manage(db_path, "tripod_keys", "create", name, *flags)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 class LiveServer(Process):
     """A daphne serving ``tripod.asgi:application`` on a free port, with its own migrated database."""
 

@@ -16,16 +16,10 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, manage, migrated_database
+from tests.processes import LiveServer, create_key, manage, migrated_database
 
 WRONG = "tpd_this-is-not-a-key-0000000000000000000000000"
 ENV_KEY = "sk-single-env-key-for-the-seed"
-
-
-def create_key(db_path: str, name: str, *flags: str) -> str:
-    result = manage(db_path, "tripod_keys", "create", name, *flags)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
 
 
 @pytest.fixture(scope="module")

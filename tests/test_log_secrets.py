@@ -12,13 +12,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, manage
-
-
-def create_key(db_path: str, name: str) -> str:
-    result = manage(db_path, "tripod_keys", "create", name)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+from tests.processes import LiveServer, create_key, manage
 
 
 @pytest.fixture(scope="module")
