@@ -47,10 +47,6 @@ async def fair_share(model: str) -> int:
     return max(1, min(cfg.ws_max_inflight, slots // 2))
 
 
-class _SocketClosed(Exception):
-    """The socket was closed while handling a frame: nothing more to send."""
-
-
 class ChatConsumer(AsyncWebsocketConsumer):
     """Runs each request frame as its own task, so that requests on one socket overlap."""
 
@@ -102,8 +98,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.handle_frame(frame)
         except APIError as error:
             await self.send_error(request_id, error)
-        except _SocketClosed:
-            pass
 
     async def handle_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
@@ -134,8 +128,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await job.cancel()
             return
         body = {k: v for k, v in frame.items() if k not in _FRAME_FIELDS}
-        if kind in ("chat", "completion"):
-            await self.recheck_key(request_id)
+        if kind in ("chat", "completion") and not await self.key_still_valid(request_id):
+            return
         if kind == "chat":
             request = parse_chat_request(body, max_messages=config().max_messages)
         elif kind == "completion":
@@ -161,7 +155,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.jobs[key] = (task, job)
         task.add_done_callback(lambda _: self.jobs.pop(key, None))
 
-    async def recheck_key(self, request_id: Any) -> None:
+    async def key_still_valid(self, request_id: Any) -> bool:
         """Each new request checks the socket's key again (through the key cache), so a key revoked after the
         handshake stops working within the cache's lifetime, as on REST; then the socket closes."""
         try:
@@ -169,7 +163,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except APIError as error:
             await self.send_error(request_id, error)
             await self.close(code=KEY_REVOKED_CLOSE_CODE)
-            raise _SocketClosed from None
+            return False
+        return True
 
     async def run_job(self, request_id: Any, job: GenerationJob) -> None:
         """Frames for one request: start, deltas, done (or error)."""
