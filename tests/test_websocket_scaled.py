@@ -2,7 +2,7 @@
 
 An idle socket once held channels_redis's receive lock on its own channel, so no reply of its web process was
 read again: every request there waited out the queue timeout. These tests keep sockets open beside REST, SSE,
-resumable streams and other sockets.
+resumable streams and other sockets, and revoke a key under an open socket.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, WorkerProcess
+from tests.processes import LiveServer, WorkerProcess, create_key, manage
 
 
 async def ws_chat(ws_url: str, body: dict, headers: dict | None = None) -> dict:
@@ -100,3 +100,33 @@ async def test_idle_sockets_leave_every_transport_served_on_two_web_processes(de
         assert frame["type"] == "done", frame
         await ws.close()
     print(f"\n8 requests beside 6 idle sockets on 2 web processes: all served, slowest {slowest:.2f} s")
+
+
+async def test_a_key_revoked_under_an_open_socket_stops_working_and_closes_it(redis_server):
+    web = LiveServer({"REDIS_URL": redis_server.url, "TRIPOD_AUTH_CACHE_SECONDS": "0.5"})
+    worker = WorkerProcess(redis_server.url, "--slots", "4")
+    try:
+        key = create_key(web.db_path, "alice")
+        create_key(web.db_path, "bob")  # another key stays active: with none left, the server would be open
+        web.wait_ready()
+        worker.wait_serving()
+        auth = {"Authorization": f"Bearer {key}"}
+        async with websockets.connect(web.ws_url + "/ws/chat/", open_timeout=10, additional_headers=auth) as ws:
+            await ws.send(json.dumps({"type": "chat", "id": "before", **chat_body(max_tokens=2)}))
+            while (frame := json.loads(await ws.recv()))["type"] not in ("done", "error"):
+                pass
+            assert frame["type"] == "done", frame
+            assert manage(web.db_path, "tripod_keys", "revoke", "alice").returncode == 0
+            await asyncio.sleep(1)  # the key cache's lifetime
+            await ws.send(json.dumps({"type": "chat", "id": "after", **chat_body(max_tokens=2)}))
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert frame["type"] == "error" and frame["id"] == "after", frame
+            assert frame["error"]["code"] == "invalid_api_key"
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd.code == 4401
+        rest = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=2), headers=auth, timeout=30)
+        assert rest.status_code == 401
+    finally:
+        web.stop()
+        worker.stop()
