@@ -98,32 +98,37 @@ async def test_a_cancel_frame_stops_one_request_and_reports_exact_usage(chat_mod
 
 
 async def test_cancelling_a_queued_request_means_it_never_runs(chat_model):
-    """With every slot busy the 5th request waits in the job channel; cancelling it skips it for good."""
-    communicator = WebsocketCommunicator(application, "/ws/chat/")
-    await communicator.connect()
+    """With every slot busy the 5th request waits in the job channel; cancelling it skips it for good.
+
+    A socket runs at most its fair share (half the 4 slots), so two sockets fill the slots and a third queues."""
+    fillers = [WebsocketCommunicator(application, "/ws/chat/") for _ in range(2)]
+    waiting = WebsocketCommunicator(application, "/ws/chat/")
+    for communicator in (*fillers, waiting):
+        await communicator.connect()
     before = len(chat_model.history)
-    for i in range(4):
-        await communicator.send_json_to({"type": "chat", "id": i, **chat_body(**LONG)})
-    started = set()
-    while len(started) < 4:
-        frame = await communicator.receive_json_from(10)
-        if frame["type"] == "start":
-            started.add(frame["id"])
-    await communicator.send_json_to({"type": "chat", "id": "queued", **chat_body(max_tokens=5)})
-    await communicator.send_json_to({"type": "cancel", "id": "queued"})
-    while True:
-        frame = await communicator.receive_json_from(10)
-        if frame["id"] == "queued":
-            break
+    for communicator in fillers:
+        for i in range(2):
+            await communicator.send_json_to({"type": "chat", "id": i, **chat_body(**LONG)})
+        started = set()
+        while len(started) < 2:
+            frame = await communicator.receive_json_from(10)
+            if frame["type"] == "start":
+                started.add(frame["id"])
+    assert chat_model.active_generations == 4
+    await waiting.send_json_to({"type": "chat", "id": "queued", **chat_body(max_tokens=5)})
+    await waiting.send_json_to({"type": "cancel", "id": "queued"})
+    frame = await waiting.receive_json_from(10)
     assert frame == {"type": "done", "id": "queued", "finish_reason": "cancelled", "usage": None}
-    for i in range(4):
-        await communicator.send_json_to({"type": "cancel", "id": i})
-    done = set()
-    while len(done) < 4:
-        frame = await communicator.receive_json_from(10)
-        if frame["type"] == "done":
-            done.add(frame["id"])
-    await communicator.disconnect()
+    for communicator in fillers:
+        for i in range(2):
+            await communicator.send_json_to({"type": "cancel", "id": i})
+        done = set()
+        while len(done) < 2:
+            frame = await communicator.receive_json_from(10)
+            if frame["type"] == "done":
+                done.add(frame["id"])
+    for communicator in (*fillers, waiting):
+        await communicator.disconnect()
     await wait_for(lambda: chat_model.active_generations == 0, message="the engine to stop")
     # Give the worker the chance to pull the cancelled job: it must skip it.
     await asyncio.sleep(0.5)

@@ -105,7 +105,10 @@ def test_the_log_filter_redacts_every_part_of_a_record():
         exc_info,
     )
     record.headers = f"Authorization: Bearer sk-env-{key[4:]}"
+    record.prompt = [{"role": "user", "content": f"my key is {key}"}]
     assert RequestIDFilter().filter(record)
     line = JsonFormatter().format(record)
     assert key[4:] not in line and "[redacted]" in line
+    # A structured field keeps its structure: the logged prompt is still a list of messages.
+    assert json.loads(line)["prompt"] == [{"role": "user", "content": "my key is tpd_[redacted]"}]
     assert "HTTP GET /v1/x?api_key=[redacted] 401" in line

@@ -50,8 +50,13 @@ def redact(text: str) -> str:
 
 
 def _safe_extra(value: object) -> object:
+    """``value`` with every secret redacted, keeping JSON structure (a logged prompt stays a list of messages)."""
     if value is None or isinstance(value, bool | int | float):
         return value
+    if isinstance(value, dict):
+        return {redact(str(k)): _safe_extra(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_safe_extra(v) for v in value]
     path = getattr(value, "path", None)
     if isinstance(path, str) and hasattr(value, "method"):
         # An HttpRequest (django.request passes one): its repr has the full query string.
