@@ -1,7 +1,9 @@
 """Scaled deployment: real redis-server, daphne processes and ``python -m asgi_worker`` processes.
 
 Every fault the scale-out issue names is injected here: kill -9 of a worker mid-stream, SIGTERM,
-a Redis restart, a client that leaves, and load spread over 2 web processes and 2 workers.
+a Redis restart, a client that leaves, and load spread over 2 web processes and 2 workers. Each fault is
+met by SSE clients and by WebSocket clients (``transport``): a socket's generations travel the same jobs, but
+its consumer once starved its whole web process of replies.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 import httpx
 import pytest
 import redis.exceptions
+import websockets
 
 from tests.conftest import chat_body
 from tests.processes import LiveServer, RedisServer, WorkerProcess
@@ -87,6 +90,38 @@ async def stream_chat(url: str, body: dict, on_first_delta=None) -> dict:
     return result
 
 
+async def ws_stream_chat(ws_url: str, body: dict, on_first_delta=None) -> dict:
+    """The same as ``stream_chat``, over a WebSocket of its own: one ``chat`` frame, read to its last frame."""
+    result = {"text": "", "finish_reason": None, "usage": None, "error": None, "ended_at": None}
+    async with websockets.connect(ws_url + "/ws/chat/", open_timeout=30, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "chat", "id": "r", **body}))
+        async for raw in ws:
+            frame = json.loads(raw)
+            assert frame.get("id") == "r", frame
+            if frame["type"] == "delta":
+                if not result["text"] and on_first_delta is not None:
+                    on_first_delta()
+                result["text"] += frame["text"]
+            elif frame["type"] == "done":
+                result["finish_reason"], result["usage"] = frame["finish_reason"], frame["usage"]
+                break
+            elif frame["type"] == "error":
+                result["error"] = frame["error"]
+                break
+    result["ended_at"] = time.monotonic()
+    return result
+
+
+def chat_over(transport: str, web: LiveServer, body: dict, on_first_delta=None):
+    """One streamed chat over SSE or over a WebSocket, with the same result shape."""
+    if transport == "ws":
+        return ws_stream_chat(web.ws_url, body, on_first_delta)
+    return stream_chat(web.url, body, on_first_delta)
+
+
+TRANSPORTS = pytest.mark.parametrize("transport", ["sse", "ws"])
+
+
 async def wait_until(predicate, timeout: float = 30, interval: float = 0.05) -> float:
     started = time.monotonic()
     while not predicate():
@@ -117,8 +152,10 @@ def test_models_readyz_and_no_worker(cluster):
     assert other.status_code == 404
 
 
-async def test_kill_9_mid_stream_fails_its_clients_fast_and_loses_no_queued_job(cluster):
-    web = cluster.web()
+@TRANSPORTS
+async def test_kill_9_mid_stream_fails_its_clients_fast_and_loses_no_queued_job(cluster, transport):
+    # The queued job waits for the survivor's 1500 tokens: longer than the default 60 s on a loaded machine.
+    web = cluster.web(TRIPOD_QUEUE_TIMEOUT="300")
     worker_a = cluster.worker("--slots", "1").wait_serving()
     worker_b = cluster.worker("--slots", "1").wait_serving()
     first_delta = {"n": 0}
@@ -126,10 +163,10 @@ async def test_kill_9_mid_stream_fails_its_clients_fast_and_loses_no_queued_job(
     def seen() -> None:
         first_delta["n"] += 1
 
-    long_streams = [asyncio.create_task(stream_chat(web.url, chat_body(**LONG), seen)) for _ in range(2)]
+    long_streams = [asyncio.create_task(chat_over(transport, web, chat_body(**LONG), seen)) for _ in range(2)]
     await wait_until(lambda: first_delta["n"] == 2)
     # Both slots are busy, so this one waits in Redis, not in any worker.
-    queued = asyncio.create_task(stream_chat(web.url, chat_body(max_tokens=7)))
+    queued = asyncio.create_task(chat_over(transport, web, chat_body(max_tokens=7)))
     await asyncio.sleep(0.3)
     killed_at = time.monotonic()
     worker_a.process.kill()
@@ -143,20 +180,21 @@ async def test_kill_9_mid_stream_fails_its_clients_fast_and_loses_no_queued_job(
     assert survivor["finish_reason"] == "length" and survivor["usage"]["completion_tokens"] == LONG["max_tokens"]
     served = await queued
     assert served["error"] is None and served["usage"]["completion_tokens"] == 7
-    print(f"\nkill -9 recovery: client told after {recovery:.2f} s")
+    print(f"\nkill -9 recovery ({transport}): client told after {recovery:.2f} s")
     assert worker_b.alive()
 
 
-async def test_sigterm_finishes_jobs_in_flight_then_exits(cluster):
+@TRANSPORTS
+async def test_sigterm_finishes_jobs_in_flight_then_exits(cluster, transport):
     # Long enough for the queued request to wait through the gap between the two workers.
     web = cluster.web(TRIPOD_NO_WORKER_WAIT="30")
     worker = cluster.worker("--slots", "1", "--drain-timeout", "60").wait_serving()
     started = {"n": 0}
     in_flight = asyncio.create_task(
-        stream_chat(web.url, chat_body(max_tokens=600, ignore_eos=True), lambda: started.__setitem__("n", 1))
+        chat_over(transport, web, chat_body(max_tokens=600, ignore_eos=True), lambda: started.__setitem__("n", 1))
     )
     await wait_until(lambda: started["n"] == 1)
-    queued = asyncio.create_task(stream_chat(web.url, chat_body(max_tokens=4)))
+    queued = asyncio.create_task(chat_over(transport, web, chat_body(max_tokens=4)))
     await asyncio.sleep(0.3)
     worker.signal(signal.SIGTERM)
     result = await in_flight
@@ -171,12 +209,13 @@ async def test_sigterm_finishes_jobs_in_flight_then_exits(cluster):
     assert served["error"] is None and served["usage"]["completion_tokens"] == 4
 
 
-async def test_sigterm_drain_timeout_bounds_the_wait(cluster):
+@TRANSPORTS
+async def test_sigterm_drain_timeout_bounds_the_wait(cluster, transport):
     web = cluster.web()
     worker = cluster.worker("--slots", "1", "--drain-timeout", "0.5").wait_serving()
     started = {"n": 0}
     in_flight = asyncio.create_task(
-        stream_chat(web.url, chat_body(max_tokens=1900, ignore_eos=True), lambda: started.__setitem__("n", 1))
+        chat_over(transport, web, chat_body(max_tokens=1900, ignore_eos=True), lambda: started.__setitem__("n", 1))
     )
     await wait_until(lambda: started["n"] == 1)
     worker.signal(signal.SIGTERM)
@@ -214,11 +253,14 @@ async def test_redis_restart_fails_fast_then_recovers_without_restarting_anythin
     assert streamed["usage"]["completion_tokens"] == 5
 
 
-async def test_two_web_processes_two_workers_40_streams_all_served_once(cluster):
+async def test_two_web_processes_two_workers_40_streams_over_sse_and_websockets_all_served_once(cluster):
     webs = [cluster.web(), cluster.web()]
     workers = [cluster.worker("--slots", "1").wait_serving() for _ in range(2)]
     bodies = [chat_body(f"request {i}", max_tokens=12, ignore_eos=True) for i in range(40)]
-    results = await asyncio.gather(*(stream_chat(webs[i % 2].url, body) for i, body in enumerate(bodies)))
+    # Each web process gets SSE and WebSocket clients, half each.
+    results = await asyncio.gather(
+        *(chat_over(("sse", "ws")[i // 2 % 2], webs[i % 2], body) for i, body in enumerate(bodies))
+    )
     assert all(r["error"] is None for r in results), [r["error"] for r in results if r["error"]]
     assert all(r["usage"]["completion_tokens"] == 12 for r in results)
     await asyncio.sleep(0.2)
@@ -228,16 +270,24 @@ async def test_two_web_processes_two_workers_40_streams_all_served_once(cluster)
     assert all(w.finished_jobs() for w in workers), "both workers took a share"
 
 
-async def test_a_client_that_leaves_cancels_the_job_on_its_worker(cluster):
+@TRANSPORTS
+async def test_a_client_that_leaves_cancels_the_job_on_its_worker(cluster, transport):
     web = cluster.web()
     worker = cluster.worker("--slots", "1").wait_serving()
-    async with httpx.AsyncClient(timeout=60) as client:
-        async with client.stream(
-            "POST", web.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=1900, ignore_eos=True)
-        ) as response:
-            async for line in response.aiter_lines():
-                if '"content"' in line:
-                    break
+    body = chat_body(max_tokens=1900, ignore_eos=True)
+    if transport == "ws":
+        async with websockets.connect(web.ws_url + "/ws/chat/", open_timeout=30) as ws:
+            await ws.send(json.dumps({"type": "chat", "id": "leaving", **body}))
+            while json.loads(await ws.recv())["type"] != "delta":
+                pass
+    else:
+        async with httpx.AsyncClient(timeout=60) as client:
+            async with client.stream(
+                "POST", web.url + "/v1/chat/completions", json={**body, "stream": True}
+            ) as response:
+                async for line in response.aiter_lines():
+                    if '"content"' in line:
+                        break
     left_at = time.monotonic()
     await wait_until(lambda: worker.finished_jobs(), timeout=10)
     took = time.monotonic() - left_at
@@ -245,20 +295,21 @@ async def test_a_client_that_leaves_cancels_the_job_on_its_worker(cluster):
     assert "finish_reason=cancelled" in line
     tokens = int(re.search(r"completion_tokens=(\d+)", line).group(1))
     assert tokens < 1900
-    print(f"\nremote cancel: worker stopped {took:.2f} s after the client left, at {tokens} tokens")
+    print(f"\nremote cancel ({transport}): worker stopped {took:.2f} s after the client left, at {tokens} tokens")
 
 
-async def test_a_web_process_killed_mid_stream_has_its_jobs_stopped_by_the_worker(cluster):
+@TRANSPORTS
+async def test_a_web_process_killed_mid_stream_has_its_jobs_stopped_by_the_worker(cluster, transport):
     beats = {"TRIPOD_HEARTBEAT_INTERVAL": "0.25", "TRIPOD_WORKER_TTL": "1"}
     web = cluster.web(**beats)
     worker = cluster.worker("--slots", "1", **beats).wait_serving()
     first_delta = asyncio.Event()
     body = chat_body(max_tokens=1900, ignore_eos=True)
-    client = asyncio.create_task(stream_chat(web.url, body, first_delta.set))
+    client = asyncio.create_task(chat_over(transport, web, body, first_delta.set))
     await asyncio.wait_for(first_delta.wait(), 30)
     web.process.kill()  # SIGKILL: the web process cannot cancel anything; only its heartbeat stops
     killed_at = time.monotonic()
-    with pytest.raises(httpx.HTTPError):
+    with pytest.raises((httpx.HTTPError, websockets.ConnectionClosedError)):
         await client
     await wait_until(lambda: worker.finished_jobs(), timeout=20)
     took = time.monotonic() - killed_at
@@ -269,7 +320,7 @@ async def test_a_web_process_killed_mid_stream_has_its_jobs_stopped_by_the_worke
     print(f"\ndead web process: its worker stopped the job {took:.2f} s after the kill, at {tokens} tokens")
 
 
-async def test_200_concurrent_streams_on_one_web_process(cluster):
+async def test_200_concurrent_streams_over_sse_and_websockets_on_one_web_process(cluster):
     # 200 requests queue for 32 slots: on two cores the last wave starts after more than the default 60 s that a
     # request may wait for a worker, now that the web process submits all 200 at once (it once took seconds to
     # give each request its thread).
@@ -285,9 +336,15 @@ async def test_200_concurrent_streams_on_one_web_process(cluster):
         errors = [frame for frame in frames[:-1] if "error" in json.loads(frame)]
         return {"status": response.status_code, "last": frames[-1] if frames else None, "errors": errors}
 
+    async def one_ws(i: int) -> dict:
+        result = await ws_stream_chat(web.ws_url, chat_body(f"n{i}", max_tokens=16, ignore_eos=True))
+        ok = result["error"] is None and result["usage"]["completion_tokens"] == 16
+        return {"status": 200, "last": "[DONE]", "errors": []} if ok else result
+
+    # Half of them over SSE, half over a WebSocket each.
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        results = await asyncio.gather(*(one(client, i) for i in range(200)))
-    failed = [r for r in results if r["status"] != 200 or r["last"] != "[DONE]" or r["errors"]]
+        results = await asyncio.gather(*(one(client, i) if i % 2 else one_ws(i) for i in range(200)))
+    failed = [r for r in results if r.get("status") != 200 or r.get("last") != "[DONE]" or r.get("errors")]
     assert not failed, failed[:3]
     assert "ChannelFull" not in web.output()
 
