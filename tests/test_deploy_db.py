@@ -108,7 +108,7 @@ def test_scaled_web_processes_share_keys_and_usage_in_postgresql(postgres, redis
 
     env = {"REDIS_URL": redis_server.url, "DATABASE_URL": postgres.url, "TRIPOD_NO_WORKER_WAIT": "30"}
     webs = [LiveServer(env), LiveServer(env)]
-    worker = WorkerProcess(redis_server.url, "--slots", "2", env={"DATABASE_URL": postgres.url})
+    worker = WorkerProcess(redis_server.url, "--slots", "2")  # workers need no database
     try:
         first, second = (web.wait_ready() for web in webs)
         worker.wait_serving()
