@@ -69,15 +69,16 @@ def migrated_database() -> str:
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
         cwd=ROOT,
-        env={**os.environ, "TRIPOD_DB_PATH": str(path)},
+        env={**os.environ, **database_env(str(path))},
         check=True,
     )
     return str(path)
 
 
 def database_env(db: str) -> dict[str, str]:
-    """The environment that points a process at ``db``: a ``DATABASE_URL`` or a sqlite file's path."""
-    return {"DATABASE_URL": db} if "://" in db else {"TRIPOD_DB_PATH": db}
+    """The environment that points a process at ``db``: a ``DATABASE_URL`` or a sqlite file's path (then any
+    ``DATABASE_URL`` of the test run's own environment is blanked, so that it cannot win)."""
+    return {"DATABASE_URL": db} if "://" in db else {"DATABASE_URL": "", "TRIPOD_DB_PATH": db}
 
 
 def manage(db_path: str, *args: str) -> subprocess.CompletedProcess:
@@ -105,9 +106,8 @@ class LiveServer(Process):
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         env = dict(env or {})
-        if "DATABASE_URL" not in env:
-            env.setdefault("TRIPOD_DB_PATH", migrated_database())
-        self.db_path = env.get("DATABASE_URL") or env["TRIPOD_DB_PATH"]
+        self.db_path = env.get("DATABASE_URL") or env.get("TRIPOD_DB_PATH") or migrated_database()
+        env.update(database_env(self.db_path))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
