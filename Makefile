@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format install clean
+.PHONY: run test services lint format install clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-webui.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ run: install
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py runserver $(HOST):$(PORT)
 
-test: install
+# What the suite needs beyond .venv (redis-server, chromium, PostgreSQL): installed when missing, Redis started.
+services:
+	scripts/test-services.sh
+
+test: install services
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q

@@ -39,7 +39,7 @@ def chromium_path() -> str:
         return found
     message = (
         "Chromium is not installed, and the chat page tests need it: "
-        "`apt-get install chromium` (.ci/run does this). "
+        "`apt-get install chromium` (`make services` does this). "
         f"Set {SKIP_VARIABLE}=1 to skip these tests on purpose."
     )
     if os.environ.get(SKIP_VARIABLE) == "1":

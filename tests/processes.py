@@ -69,18 +69,24 @@ def migrated_database() -> str:
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
         cwd=ROOT,
-        env={**os.environ, "TRIPOD_DB_PATH": str(path)},
+        env={**os.environ, **database_env(str(path))},
         check=True,
     )
     return str(path)
 
 
+def database_env(db: str) -> dict[str, str]:
+    """The environment that points a process at ``db``: a ``DATABASE_URL`` or a sqlite file's path (then any
+    ``DATABASE_URL`` of the test run's own environment is blanked, so that it cannot win)."""
+    return {"DATABASE_URL": db} if "://" in db else {"DATABASE_URL": "", "TRIPOD_DB_PATH": db}
+
+
 def manage(db_path: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``manage.py`` against a test server's database."""
+    """Run ``manage.py`` against a test server's database (a sqlite path or a ``DATABASE_URL``)."""
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env={**os.environ, "TRIPOD_DB_PATH": db_path},
+        env={**os.environ, **database_env(db_path)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -95,12 +101,13 @@ def create_key(db_path: str, name: str, *flags: str) -> str:
 
 
 class LiveServer(Process):
-    """A daphne serving ``tripod.asgi:application`` on a free port, with its own migrated database."""
+    """A daphne serving ``tripod.asgi:application`` on a free port, with its own migrated database
+    unless ``env`` names a ``DATABASE_URL``."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         env = dict(env or {})
-        env.setdefault("TRIPOD_DB_PATH", migrated_database())
-        self.db_path = env["TRIPOD_DB_PATH"]
+        self.db_path = env.get("DATABASE_URL") or env.get("TRIPOD_DB_PATH") or migrated_database()
+        env.update(database_env(self.db_path))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
@@ -196,4 +203,47 @@ class RedisServer:
 
     def stop(self) -> None:
         self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def postgres_bindir() -> Path:
+    """Where ``initdb`` and ``pg_ctl`` are: ``TRIPOD_PG_BINDIR``, else ``PATH``, else Debian's newest."""
+    if os.environ.get("TRIPOD_PG_BINDIR"):
+        return Path(os.environ["TRIPOD_PG_BINDIR"])
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if not debian:
+        raise RuntimeError("PostgreSQL is not installed; scripts/test-services.sh installs it (make services)")
+    return debian[-1].parent
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster on a free port (trust auth, nothing fsynced), like :class:`RedisServer`.
+
+    PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres`` user.
+    """
+
+    def __init__(self) -> None:
+        bindir = postgres_bindir()
+        self.port = free_port()
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+        self.dir = tempfile.mkdtemp(prefix="tripod-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self._as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as_owner:
+            shutil.chown(self.dir, "postgres")
+        self._pg_ctl = str(bindir / "pg_ctl")
+        self._run(str(bindir / "initdb"), "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off"
+        self._run(self._pg_ctl, "start", "-w", "-t", "60", "-D", self.data, "-l", f"{self.dir}/log", "-o", options)
+
+    def _run(self, *argv: str) -> None:
+        result = subprocess.run([*self._as_owner, *argv], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed: {result.stdout}{result.stderr}")
+
+    def stop(self) -> None:
+        subprocess.run([*self._as_owner, self._pg_ctl, "stop", "-m", "immediate", "-D", self.data], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -68,12 +68,20 @@ TEMPLATES = [
     }
 ]
 
-DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.environ.get("TRIPOD_DB_PATH", str(BASE_DIR / "db.sqlite3")),
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if DATABASE_URL:
+    # Keys, usage and training runs shared by every web process: e.g. postgres://user:pass@db:5432/tripod.
+    import dj_database_url
+
+    # conn_max_age 0: under ASGI, Django's docs advise against persistent connections (each thread holds one).
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("TRIPOD_DB_PATH", str(BASE_DIR / "db.sqlite3")),
+        }
     }
-}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LANGUAGE_CODE = "en-us"
