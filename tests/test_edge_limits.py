@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import time
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 import websockets
 
 from tests.conftest import chat_body, sse_json
-from tests.processes import LiveServer, procfile_daphne_argv
+from tests.processes import LiveServer, Process, free_port, migrated_database, procfile_daphne_argv
 
 HEADER_TIMEOUT = 1
 IDLE_TIMEOUT = 2
@@ -244,3 +245,30 @@ async def test_websocket_message_over_daphnes_limit_ends_only_that_socket(edge):
         assert closed.value.rcvd is None or closed.value.rcvd.code == 1009
         await other.send(json.dumps({"type": "chat", "id": "still", **chat_body(max_tokens=2)}))
         assert (await _run_to_done(other, "still"))["type"] == "done"
+
+
+async def test_runserver_gets_the_same_limits():
+    """``manage.py runserver`` (daphne's, what ``make run`` starts) with its own defaults gets the raised
+    WebSocket limit and the HTTP limits too: they come from the application, not from a command line."""
+    port = free_port()
+    argv = [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"]
+    server = Process("runserver", argv, {"TRIPOD_DB_PATH": migrated_database()})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.alive() and time.monotonic() < deadline, server.output()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                await asyncio.sleep(0.2)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/chat/", max_size=None) as ws:
+            await ws.send(json.dumps({"type": "chat", "id": "big", **chat_body("x" * (3 * 512 * 1024))}))
+            frame = json.loads(await asyncio.wait_for(ws.recv(), GUARD))
+            assert frame["type"] == "error" and frame["error"]["code"] == "frame_too_large"
+        with socket.create_connection(("127.0.0.1", port), timeout=GUARD) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 300000000\r\n\r\n{")
+            status, _, body = read_response(sock)
+            assert status == 413 and error_code(body) == "request_too_large"
+    finally:
+        server.stop()
