@@ -187,6 +187,17 @@ def test_an_idle_keep_alive_connection_is_closed(edge):
     sock.close()
 
 
+def test_a_keep_alive_connection_pausing_longer_than_the_header_timeout_works(edge):
+    """The header timeout counts from a request's first byte, not from the end of the previous response."""
+    sock = connect(edge)
+    for _ in range(2):
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, _ = read_response(sock)
+        assert status == 200
+        time.sleep(HEADER_TIMEOUT + 0.5)  # under the idle timeout
+    sock.close()
+
+
 def test_a_stream_longer_than_the_timeouts_completes(edge):
     """The timeouts stop counting once a request is in: a stream runs as long as it needs. Longer streams are
     tried until one outlives both timeouts (not a speed check: the test means something only then)."""
