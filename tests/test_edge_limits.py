@@ -13,9 +13,13 @@ import time
 import httpx
 import pytest
 import websockets
+from channels.testing import ApplicationCommunicator
 
+from routing import application
 from tests.conftest import chat_body, sse_json
+from tests.inprocess import http_scope
 from tests.processes import LiveServer, Process, free_port, migrated_database, procfile_daphne_argv
+from tripod.http_limits import RequestBodyLimit
 
 HEADER_TIMEOUT = 1
 IDLE_TIMEOUT = 2
@@ -117,6 +121,40 @@ def test_content_length_over_the_limit_is_refused_before_the_body(edge):
     assert status == 413 and error_code(body) == "request_too_large"
     assert "4194304" in json.loads(body)["error"]["message"]
     assert closed_by_server(sock)
+    sock.close()
+
+
+async def _asgi_post_without_length(pieces: list[bytes]) -> tuple[int, dict]:
+    """Under any ASGI server: a body in several messages and no Content-Length, as a chunked upload arrives."""
+    scope = http_scope("/v1/chat/completions", b"")
+    scope["headers"] = [(n, v) for n, v in scope["headers"] if n != b"content-length"]
+    scope["headers"].append((b"transfer-encoding", b"chunked"))
+    communicator = ApplicationCommunicator(RequestBodyLimit(application), scope)
+    for i, piece in enumerate(pieces):
+        await communicator.send_input({"type": "http.request", "body": piece, "more_body": i < len(pieces) - 1})
+    start = await communicator.receive_output(GUARD)
+    body = await communicator.receive_output(GUARD)
+    await communicator.wait(GUARD)
+    return start["status"], json.loads(body["body"])
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_body_without_content_length_reaches_the_view():
+    status, body = await _asgi_post_without_length([b'{"messages": ', b"5}"])
+    assert status == 400 and body["error"]["param"] == "messages", body  # parsed, not "the body is empty"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_body_without_content_length_over_the_limit_gets_413():
+    status, body = await _asgi_post_without_length([b"x" * (1 << 20)] * 5)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+def test_a_long_request_line_gets_414(edge):
+    sock = connect(edge)
+    sock.sendall(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = read_response(sock)
+    assert status == 414 and error_code(body) == "uri_too_long"
     sock.close()
 
 
