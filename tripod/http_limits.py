@@ -20,6 +20,7 @@ line over 16 KiB was answered by a silent close. Two layers fix that:
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from twisted.web import http
 from tripod.conf import config
 from tripod.errors import APIError
 
+logger = logging.getLogger(__name__)
 # Daphne's WebSocket message and frame limit: this much over Tripod's, so that Tripod answers first.
 DAPHNE_WS_MIN_BYTES = 16 * 1024 * 1024
 DAPHNE_WS_FACTOR = 4
@@ -205,6 +207,19 @@ class LimitedHTTPChannel(http.HTTPChannel):
         self._cancel_head_timer()
         self.setTimeout(None)
         transport = self.transport
+        peer = transport.getPeer()
+        # Refused before Django saw the request, so no "http" access line: this is its line.
+        logger.info(
+            "http refused %d %s",
+            status,
+            error.code,
+            extra={
+                "event": "http_refused",
+                "status": status,
+                "error_code": error.code,
+                "client": getattr(peer, "host", None),
+            },
+        )
         transport.write(_raw_response(status, error))
         if ITCPTransport.providedBy(transport):
             transport.loseWriteConnection()
