@@ -86,7 +86,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if text_data is None:
                 raise InvalidRequest("Frames must be JSON text, not binary.", code="invalid_frame")
             limit = config().ws_max_frame_bytes
-            if len(text_data) > limit:
+            if len(text_data) > limit or len(text_data.encode()) > limit:  # characters first: no copy when over
                 raise APIError(f"The frame is larger than {limit} bytes.", code="frame_too_large", status=413)
             try:
                 frame = json.loads(text_data)

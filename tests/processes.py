@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -100,6 +101,15 @@ def create_key(db_path: str, name: str, *flags: str) -> str:
     return result.stdout.strip()
 
 
+def procfile_daphne_argv(port: int) -> list[str]:
+    """The daphne command of the Procfile's ``web:`` line, on 127.0.0.1:``port``: the tests serve as users do."""
+    web = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    argv = shlex.split(web.split("&&")[-1])
+    assert argv[0] == "daphne", web
+    argv = [arg.replace("${PORT:-8000}", str(port)).replace("0.0.0.0", "127.0.0.1") for arg in argv[1:]]
+    return [sys.executable, "-m", "daphne", *argv]
+
+
 class LiveServer(Process):
     """A daphne serving ``tripod.asgi:application`` on a free port, with its own migrated database
     unless ``env`` names a ``DATABASE_URL``."""
@@ -111,9 +121,7 @@ class LiveServer(Process):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "--access-log", os.devnull]
-        argv.append("tripod.asgi:application")
-        super().__init__(f"daphne-{self.port}", argv, env)
+        super().__init__(f"daphne-{self.port}", procfile_daphne_argv(self.port), env)
 
     def wait_ready(self, timeout: float = 60) -> LiveServer:
         deadline = time.monotonic() + timeout

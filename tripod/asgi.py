@@ -10,12 +10,17 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
 # routing.py sits at the project root, next to manage.py.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from routing import application  # noqa: E402
+from routing import application as routed  # noqa: E402
+from tripod import http_limits  # noqa: E402
 from tripod.conf import config  # noqa: E402
 
 if config().eager_writes:
     from tripod.eager_writes import install
 
     install()
+
+# Body, header and timeout limits on daphne's connections, before daphne builds its HTTP factory.
+http_limits.install()
+application = http_limits.RequestBodyLimit(routed)
 
 __all__ = ["application"]

@@ -44,6 +44,8 @@ class Config:
     eager_writes: bool
     cache_dir: Path
     max_body_bytes: int
+    http_header_timeout: float
+    http_idle_timeout: float
     max_messages: int
     queue_timeout: float
     event_timeout: float
@@ -127,6 +129,8 @@ def config() -> Config:
         eager_writes=bool(raw.get("EAGER_WRITES", True)),
         cache_dir=Path(raw["CACHE_DIR"]).expanduser(),
         max_body_bytes=int(raw["MAX_BODY_BYTES"]),
+        http_header_timeout=float(raw.get("HTTP_HEADER_TIMEOUT", 10)),
+        http_idle_timeout=float(raw.get("HTTP_IDLE_TIMEOUT", 30)),
         max_messages=int(raw["MAX_MESSAGES"]),
         queue_timeout=float(raw["QUEUE_TIMEOUT"]),
         event_timeout=float(raw["EVENT_TIMEOUT"]),

@@ -143,6 +143,10 @@ TRIPOD = {
     "EAGER_WRITES": os.environ.get("TRIPOD_EAGER_WRITES", "1") != "0",
     "CACHE_DIR": os.environ.get("TRIPOD_CACHE_DIR", str(Path.home() / ".cache" / "tripod")),
     "MAX_BODY_BYTES": TRIPOD_MAX_BODY_BYTES,
+    # daphne's connections (tripod/http_limits.py): a request's head must arrive within this, and a client
+    # receiving nothing back may stay silent this long; neither applies while a response streams.
+    "HTTP_HEADER_TIMEOUT": float(os.environ.get("TRIPOD_HTTP_HEADER_TIMEOUT", "10")),
+    "HTTP_IDLE_TIMEOUT": float(os.environ.get("TRIPOD_HTTP_IDLE_TIMEOUT", "30")),
     "MAX_MESSAGES": int(os.environ.get("TRIPOD_MAX_MESSAGES", "1024")),
     "QUEUE_TIMEOUT": QUEUE_TIMEOUT,
     "REDIS_URL": REDIS_URL,
