@@ -4,6 +4,7 @@ endpoints (SSE clients such as ``httpx-sse`` send ``Accept: text/event-stream``)
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ from httpx_sse import connect_sse
 
 from tests.conftest import chat_body, sse_json
 from tests.processes import LiveServer, WorkerProcess
-from tests.test_observability import scrape
+from tests.test_observability import delta, scrape
 
 LONE = "\ud800"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -130,11 +131,25 @@ def test_scaled_a_surrogate_stop_is_a_400_and_counted_as_no_request(redis_server
         web.wait_ready()
         worker.wait_serving()
         before = scrape(web)
-        for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", PROMPT), ("/v1/streams", CHAT)):
-            assert_invalid_unicode(post_raw(web.url + path, {**body, "stop": [LONE]}), "stop[0]")
-        assert counted(scrape(web)) == counted(before)
-        response = post_raw(web.url + "/v1/chat/completions", {**CHAT, "stop": ["\U0001f600"]})
-        assert response.status_code == 200, response.text
+        refused = [
+            post_raw(web.url + path, {**body, "stop": [LONE]})
+            for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", PROMPT), ("/v1/streams", CHAT))
+        ]
+        served = post_raw(web.url + "/v1/chat/completions", {**CHAT, "stop": ["\U0001f600"]})
+        assert served.status_code == 200, served.text
+        deadline = time.monotonic() + 10
+        while counted(after := scrape(web)) == counted(before) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # Only the request that was served counts; the refused ones are neither successes nor "cancelled".
+        changed = {
+            k: after[k] - before.get(k, 0)
+            for k in after
+            if k[0] in ("tripod:request_success_total", "tripod:request_errors_total") and after[k] != before.get(k, 0)
+        }
+        assert counted(after) - counted(before) == 1, changed
+        assert delta(before, after, "tripod:request_success_total", transport="rest", finished_reason="length") == 1
+        for response in refused:
+            assert_invalid_unicode(response, "stop[0]")
     finally:
         web.stop()
         worker.stop()
