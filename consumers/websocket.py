@@ -18,7 +18,7 @@ from tripod.auth import authenticate_async, websocket_token
 from tripod.conf import config
 from tripod.errors import APIError, EngineFailure, InvalidRequest
 from tripod.logs import REQUEST_ID, clean_request_id
-from tripod.protocol import parse_chat_request, parse_completion_request
+from tripod.protocol import parse_chat_request, parse_completion_request, reject_lone_surrogates
 from tripod.registry import RegistryUnavailable, get_registry
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 raise InvalidRequest(f"The frame is not valid JSON: {exc}", code="invalid_json") from None
             if not isinstance(frame, dict):
                 raise InvalidRequest("A frame must be a JSON object.", code="invalid_frame")
+            if isinstance(frame.get("id"), str):
+                reject_lone_surrogates({"id": frame["id"]})  # before the id is echoed in any error frame
             request_id = frame.get("id")
+            reject_lone_surrogates(frame)
             await self.handle_frame(frame)
         except APIError as error:
             await self.send_error(request_id, error)

@@ -72,6 +72,56 @@ class GenerationRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _escaped(text: str) -> str:
+    """``text`` with each lone surrogate written as its ``\\udXXX`` escape: what an error may say of it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _lone_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def reject_lone_surrogates(body: Any) -> None:
+    """Refuse a decoded JSON body in which any string, a value or a field name, holds a lone UTF-16 surrogate.
+
+    JSON's ``\\ud800`` escape can carry one, UTF-8 cannot: left in, it fails later in the tokenizer, in the
+    channel layer's msgpack or in the renderer, as a 500. The edges (the REST parser, the WebSocket frame
+    reader) call this once, before anything else reads the body; ``param`` is the field's path.
+    """
+    pending: list[tuple[str, Any]] = [("", body)]
+    while pending:  # a loop, not recursion: the body may nest as deep as the JSON reader allowed
+        where, value = pending.pop()
+        if isinstance(value, str):
+            if _lone_surrogate(value):
+                subject = f"'{where}'" if where else "The request body"
+                raise InvalidRequest(
+                    f"{subject} is not valid Unicode: it holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                    "escape that is not half of a pair).",
+                    param=where or None,
+                    code="invalid_unicode",
+                )
+        elif isinstance(value, dict):
+            children = []
+            for key, item in value.items():
+                if _lone_surrogate(key):  # JSON object keys are strings
+                    name = f"{where}.{_escaped(key)}" if where else _escaped(key)
+                    raise InvalidRequest(
+                        f"The field name '{name}' is not valid Unicode: it holds a lone UTF-16 surrogate.",
+                        param=name,
+                        code="invalid_unicode",
+                    )
+                children.append((f"{where}.{key}" if where else key, item))
+            pending.extend(reversed(children))
+        elif isinstance(value, list):
+            pending.extend(reversed([(f"{where}[{i}]", item) for i, item in enumerate(value)]))
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -115,7 +115,7 @@ else:
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tripod.auth.BearerKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["tripod.auth.HasPrincipal"],
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_RENDERER_CLASSES": ["tripod.api.renderers.OpenAIJSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["tripod.api.parsers.OpenAIJSONParser"],
     "EXCEPTION_HANDLER": "tripod.errors.drf_exception_handler",
     "UNAUTHENTICATED_USER": None,

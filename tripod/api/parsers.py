@@ -1,4 +1,5 @@
-"""Request parsing for the API: JSON whatever the Content-Type, with a size cap and clear errors."""
+"""Request parsing for the API: JSON whatever the Content-Type, with a size cap and clear errors, and only
+text that is valid Unicode."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from rest_framework.parsers import BaseParser
 
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest
+from tripod.protocol import reject_lone_surrogates
 
 
 class OpenAIJSONParser(BaseParser):
@@ -24,6 +26,8 @@ class OpenAIJSONParser(BaseParser):
         if not raw.strip():
             raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, deep nesting
             raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+        reject_lone_surrogates(body)
+        return body

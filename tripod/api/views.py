@@ -8,7 +8,6 @@ import time
 from asgiref.sync import async_to_sync
 from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -18,6 +17,7 @@ from consumers.jobs import GenerationJob, served_models
 from tripod import metrics, readiness, streams, usage
 from tripod.api import schema
 from tripod.api.asyncview import AsyncAPIView
+from tripod.api.negotiation import IgnoreAccept
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest, ModelNotFound
 from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request
@@ -55,6 +55,8 @@ async def _start(job: GenerationJob) -> None:
 
 class GenerationView(AsyncAPIView):
     """Shared by chat and text completions: validate, submit, answer in one piece or as SSE."""
+
+    content_negotiation_class = IgnoreAccept  # SSE clients send Accept: text/event-stream, streaming or not
 
     def parse(self, data) -> GenerationRequest:
         raise NotImplementedError
@@ -125,6 +127,8 @@ class CompletionsView(GenerationView):
 class StreamCreateView(AsyncAPIView):
     """``POST /v1/streams``: a chat completion whose frames are kept for readers that come and go."""
 
+    content_negotiation_class = IgnoreAccept
+
     async def post(self, request: Request) -> Response:
         _content_length(request)
         if request.stream is None:
@@ -154,13 +158,6 @@ def _stream_info(stream_id: str, request: Request) -> streams.StreamInfo:
     if info is None:
         raise APIError(f"Stream {stream_id} has expired or never existed.", code="stream_not_found", status=404)
     return info
-
-
-class _AnyAccept(BaseContentNegotiation):
-    """``EventSource`` asks for ``text/event-stream`` only; errors still go out as JSON."""
-
-    def select_renderer(self, request, renderers, format_suffix=None):
-        return renderers[0], renderers[0].media_type
 
 
 @extend_schema_view(
@@ -197,7 +194,7 @@ class StreamView(APIView):
 
     authentication_classes: list = []
     permission_classes: list = []
-    content_negotiation_class = _AnyAccept
+    content_negotiation_class = IgnoreAccept  # EventSource asks for text/event-stream; errors are JSON
 
     def get(self, request: Request, stream_id: str) -> HttpResponse:
         after = _resume_after(request)
