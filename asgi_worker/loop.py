@@ -336,6 +336,7 @@ class Worker:
                 "worker": self.id,
                 "control": self.control_channel,
                 "prompt_tokens": stream.prompt_tokens,
+                "max_tokens": stream.max_tokens,
             }
             if not await self._send(reply, started):
                 stream.cancel()

@@ -143,6 +143,7 @@ class GenerationJob:
         self.worker: str | None = None
         self.control_channel: str | None = None
         self.prompt_tokens = 0
+        self.tokens_seen = 0  # completion tokens received, for a job that ends with no usage report
         self.finish_reason: str | None = None
         self.cancelled = False
         self.usage: dict[str, int] | None = None
@@ -173,7 +174,7 @@ class GenerationJob:
         _check_cap(self.request.params, cfg.max_tokens_cap)
         params = self.request.params
         try:
-            self.lease = await admit(self.principal)
+            self.lease = await admit(self.principal, self.request, cfg.max_tokens_cap)
         except RegistryUnavailable as exc:
             raise _layer_down(exc) from None
         if cfg.inline_worker:
@@ -232,6 +233,17 @@ class GenerationJob:
         self.prompt_tokens = int(event.get("prompt_tokens", 0))
         self.admitted_at = time.monotonic()
         self.metrics.admitted(self.admitted_at - self.created)
+        await self._reserve_exactly(event.get("max_tokens") or params.max_tokens)
+
+    async def _reserve_exactly(self, max_tokens: int | None) -> None:
+        """Now that the worker has counted the prompt, hold exactly what the job may use (prompt + its token
+        budget) instead of the web side's bound; when that is more and does not fit, the job is refused (429)."""
+        if self.lease is None or not max_tokens:
+            return
+        try:
+            await self.lease.resize(self.prompt_tokens + int(max_tokens))
+        except RegistryUnavailable:
+            pass  # keep the bound taken at admission
 
     def _coalescing(self, cfg) -> dict[str, Any]:
         """How the worker may merge deltas (``TokenStream.deltas_async``): tokens per delta after the first, and the
@@ -327,6 +339,7 @@ class GenerationJob:
                 self.metrics.tokens(0.0, delta.tokens - 1)
         elif delta.tokens:
             self.metrics.tokens(now - self.last_token_at, delta.tokens)
+        self.tokens_seen += delta.tokens
         self.last_token_at = now
         if self.completion_text is not None:
             self.completion_text.append(delta.text)
@@ -442,8 +455,10 @@ class GenerationJob:
         usage = self.usage or {}
         if self.lease is not None:
             lease, self.lease = self.lease, None
+            # Exact usage when the worker reported it; else (a lost worker, a timeout) what is known to be spent.
+            spent = usage.get("total_tokens", self.prompt_tokens + self.tokens_seen)
             try:
-                await lease.release(int(usage.get("total_tokens", 0)))
+                await lease.release(int(spent))
             except RegistryUnavailable:
                 pass  # the window heals by itself; the slot lease expires
         first = not self._settled
