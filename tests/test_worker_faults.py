@@ -72,33 +72,54 @@ async def post_chat(url: str, content: str, max_tokens: int = 4) -> dict:
     return {"status": response.status_code, "body": response.json(), "seconds": time.monotonic() - started}
 
 
+async def block_afresh(web: LiveServer, worker: WorkerProcess) -> None:
+    """Return just after ``worker`` began a new blocking read of its job channel (channels_redis reads for 5 s).
+
+    Idle workers are handed jobs in turn, so of two one-by-one requests ``worker`` serves one; it reads again right
+    after.
+    """
+    for i in range(6):
+        served = len(worker.finished_jobs())
+        assert (await post_chat(web.url, f"warm {i}", max_tokens=1))["status"] == 200
+        try:
+            await wait_until(lambda served=served: len(worker.finished_jobs()) > served, timeout=1)
+        except AssertionError:
+            continue
+        await asyncio.sleep(0.3)
+        return
+    pytest.fail("the worker served none of 6 requests")
+
+
 async def test_a_job_taken_by_a_paused_idle_worker_is_served_by_the_other(cluster):
     """An idle worker stopped during its blocking read is handed a job by Redis; the job must not wait for it.
 
-    Before: that job was dropped when the worker resumed (its read had timed out) and its client got a 503 after
-    the whole queue timeout. Now the web process sees the job left the queue and nobody claimed it, and sends it
-    again; the claim lets one worker run it.
+    Before: that job was dropped when the worker resumed (its read had timed out), and its client got a 503 after
+    the whole queue timeout. Now the web process sees that the job left the queue and nobody claimed it, and sends
+    it again; the claim lets one worker run it.
     """
     web = cluster.web(TRIPOD_QUEUE_TIMEOUT="30", TRIPOD_NO_WORKER_WAIT="30", **BEATS)
     paused = cluster.worker("--slots", "1", **BEATS)
     cluster.worker("--slots", "1", **BEATS)
     for attempt in range(3):
-        # Redis serves blocked readers in turn: of 4 jobs sent at once, one goes to the paused worker, unless its
-        # 5 s blocking read happened to end in the instant before (then try again).
+        await block_afresh(web, paused)
         paused.signal(signal.SIGSTOP)
+        before = len(paused.finished_jobs())
+        # Redis hands each job to the reader that has waited longest: one of these goes to the paused worker.
         requests = [asyncio.create_task(post_chat(web.url, f"attempt {attempt} request {i}")) for i in range(4)]
         await asyncio.sleep(PAUSE_SECONDS)
         paused.signal(signal.SIGCONT)
         results = await asyncio.gather(*requests)
         assert [r["status"] for r in results] == [200] * 4, [r["body"] for r in results]
-        if "sending it again" in web.output():
+        await asyncio.sleep(1)  # the resumed worker may read the job it took: it must not run it
+        assert len(paused.finished_jobs()) == before, "the paused worker ran nothing after it resumed"
+        sent_again = re.findall(r"job (\w+): taken by a worker that stopped", web.output())
+        if sent_again:
             break
     else:
         pytest.fail("the paused worker never took a job")
-    await asyncio.sleep(1)  # the resumed worker reads the job it took, and must not run it
-    served_by = [line["worker"] for line in generations(web)]
-    assert not [worker for worker in served_by if f"-{paused.pid}-" in worker], served_by
-    assert not paused.finished_jobs()
+    served = {line["job_id"]: line for line in generations(web)}
+    for job_id in sent_again:
+        assert served[job_id]["status"] == "ok" and f"-{paused.pid}-" not in served[job_id]["worker"]
     waits = sorted(round(r["seconds"], 2) for r in results)
     print(f"\npaused idle worker: the 4 clients waited {waits} s (the worker was stopped {PAUSE_SECONDS} s)")
 
