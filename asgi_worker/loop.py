@@ -371,12 +371,6 @@ class Worker:
             stream.cancel()  # the client left while the job was loading or tokenizing
         metrics.WORKER_RUNNING.labels(**self._metric_labels).inc()
         try:
-            if self.registry is not None and not await self._still_holds(job_id):
-                # Stopped between the claim and here, long enough for the job to go to another worker or be given
-                # up: its reply channel is someone else's now.
-                logger.warning("job %s: lost its claim before it started; dropping it", job_id)
-                self._give_up(job_id)
-                return
             started = {
                 "type": events.STARTED,
                 "id": job_id,
@@ -384,7 +378,12 @@ class Worker:
                 "control": self.control_channel,
                 "prompt_tokens": stream.prompt_tokens,
             }
-            if not await self._send(reply, started):
+            if self.registry is not None and not await self._still_holds(job_id):
+                # Stopped between the claim and here, long enough for the job to go to another worker or be given
+                # up: its reply channel is someone else's now. The pump below sends nothing and frees the stream.
+                logger.warning("job %s: lost its claim before it started; dropping it", job_id)
+                self._give_up(job_id)
+            elif not await self._send(reply, started):
                 stream.cancel()
             await self._pump(job_id, reply, stream, self._stream_interval(job), float(job.get("stream_hold", 0.0)))
         finally:
