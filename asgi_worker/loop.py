@@ -3,6 +3,10 @@
 Pulling (``receive()`` on the model's job channel once per free slot) leaves any backlog in the channel
 layer, where another worker can take it; nothing is drained into this process's memory, so a crash loses
 only the jobs that were running, and their clients are told (``worker_lost``).
+
+Each job is claimed in the registry before it starts, and the claim renewed with every heartbeat. A worker that
+stopped (``SIGSTOP``, a stalled host) and resumes finds the claims of the jobs it was running gone to another worker
+or marked abandoned by their clients, and stops those jobs instead of generating them for nobody.
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ class Worker:
         self._readers: dict[str, str] = {}
         self._cancelled: dict[str, float] = {}
         self._aborted: set[str] = set()
+        # Jobs claimed and not yet ended; those whose claim went elsewhere (given up: they end without a word).
+        self._claimed: set[str] = set()
+        self._given_up: set[str] = set()
         self._free = asyncio.Semaphore(slots)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
@@ -212,9 +219,25 @@ class Worker:
                 await self.registry.beat(self.info())
                 # Refresh group membership too: a restarted Redis has forgotten it.
                 await self._join_group()
+                await self._renew_claims()
             except RegistryUnavailable as exc:
                 logger.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self.heartbeat_interval)
+
+    async def _renew_claims(self) -> None:
+        """Keep this worker's claims alive; stop the jobs whose claim it lost (given up while it was stopped)."""
+        for job_id in await self.registry.renew_claims(sorted(self._claimed), self.id):
+            logger.warning("job %s: its client gave it up or another worker took it; stopping it", job_id)
+            self._give_up(job_id)
+
+    def _give_up(self, job_id: str) -> None:
+        """Stop a job that is no longer this worker's: no event of it may reach its reply channel any more."""
+        self._given_up.add(job_id)
+        stream = self.running.get(job_id)
+        if stream is not None:
+            stream.cancel()
+        else:
+            self.cancel(job_id)  # still loading or tokenizing: stopped as it starts
 
     async def _watch_readers(self) -> None:
         """Stop the jobs whose web process stopped beating: nobody can read them any more.
@@ -295,9 +318,11 @@ class Worker:
             if job.get("deadline") and time.time() > float(job["deadline"]):
                 # The client stopped waiting for a worker; nobody reads this reply channel any more.
                 return
-            if self.registry is not None and not await self._claim(job_id):
-                logger.info("job %s is already served by another worker", job_id)
-                return
+            if self.registry is not None:
+                if not await self._claim(job_id):
+                    logger.info("job %s is served by another worker, ended, or given up", job_id)
+                    return
+                self._claimed.add(job_id)
             await self._generate(job_id, reply, job)
         except APIError as exc:
             await self._send(reply, {"type": events.ERROR, "id": job_id, **exc.to_event()})
@@ -307,7 +332,23 @@ class Worker:
             await self._send(reply, {"type": events.ERROR, "id": job_id, **error.to_event()})
         finally:
             self._aborted.discard(job_id)
+            if job_id in self._claimed:
+                await self._release(job_id, job.get("deadline"))
+            self._given_up.discard(job_id)
             self._free.release()
+
+    async def _release(self, job_id: str, deadline: Any) -> None:
+        self._claimed.discard(job_id)
+        try:
+            await self.registry.release(job_id, self.id, float(deadline) if deadline else None)
+        except RegistryUnavailable as exc:  # the claim expires by itself
+            logger.warning("job %s: could not end its claim: %s", job_id, exc)
+
+    async def _still_holds(self, job_id: str) -> bool:
+        try:
+            return await self.registry.holds(job_id, self.id)
+        except RegistryUnavailable:
+            return True  # the heartbeat's renewal checks again
 
     async def _claim(self, job_id: str) -> bool:
         try:
@@ -338,7 +379,12 @@ class Worker:
                 "prompt_tokens": stream.prompt_tokens,
                 "max_tokens": stream.max_tokens,
             }
-            if not await self._send(reply, started):
+            if self.registry is not None and not await self._still_holds(job_id):
+                # Stopped between the claim and here, long enough for the job to go to another worker or be given
+                # up: its reply channel is someone else's now. The pump below sends nothing and frees the stream.
+                logger.warning("job %s: lost its claim before it started; dropping it", job_id)
+                self._give_up(job_id)
+            elif not await self._send(reply, started):
                 stream.cancel()
             await self._pump(job_id, reply, stream, self._stream_interval(job), float(job.get("stream_hold", 0.0)))
         finally:
@@ -373,8 +419,10 @@ class Worker:
             async for delta in deltas:
                 message = {"type": events.DELTA, "id": job_id, "text": delta.text, "tokens": delta.tokens, "seq": seq}
                 seq += 1
-                if not await self._send(reply, message):
+                if job_id in self._given_up or not await self._send(reply, message):
                     return  # the reader is gone: leaving the loop cancels the generation
+        if job_id in self._given_up:
+            return  # not this worker's job any more: its client heard, or hears, from another
         if job_id in self._aborted:
             raise ServiceUnavailable("The worker shut down before this generation finished.", code="worker_shutdown")
         done = {"type": events.DONE, "id": job_id, "finish_reason": stream.finish_reason, "usage": stream.usage()}

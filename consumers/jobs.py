@@ -32,7 +32,7 @@ from tripod.logs import REQUEST_ID
 from tripod.metrics import RequestMetrics
 from tripod.protocol import GenerationRequest, SamplingParams
 from tripod.ratelimit import Lease, admit
-from tripod.registry import RegistryUnavailable, get_registry
+from tripod.registry import ABANDONED_SECONDS, CLAIM_MARGIN_SECONDS, RegistryUnavailable, get_registry
 from tripod.request_threads import outlive_request
 from tripod.usage import record as record_usage
 
@@ -43,6 +43,8 @@ DRAIN_SECONDS = 5.0
 STREAM_HOLD_SECONDS = 0.5
 # The longest a worker holds back the text of a reply that is not streamed.
 UNSTREAMED_HOLD_SECONDS = 1.0
+# Scaled: how often a job is sent again because the worker that took it stopped before starting it.
+MAX_RESENDS = 3
 # One line per generation request: the access log of the API.
 request_log = logging.getLogger("tripod.requests")
 
@@ -152,6 +154,12 @@ class GenerationJob:
         self._settled = False
         self._closed = False
         self._pending: asyncio.Future | None = None
+        # Scaled: the job as sent, when it was last sent (wall time), since when it has looked lost, resends.
+        self._job: dict[str, Any] | None = None
+        self._deadline: float | None = None
+        self._sent_at = 0.0
+        self._unclaimed_since: float | None = None
+        self._resends = 0
         self._receive_is_cancel_safe = getattr(self.layer, "receive_is_cancel_safe", False)
 
     async def __aenter__(self) -> GenerationJob:
@@ -211,12 +219,8 @@ class GenerationJob:
             job["web"] = await registry.ensure_web_heartbeat(cfg.heartbeat_interval)
         self.metrics = RequestMetrics(self.model, self.transport)
         self.metrics.waiting()
-        try:
-            await self.layer.send(job_channel_for(self.model), job)
-        except ChannelFull:
-            raise ServiceUnavailable(
-                f"Too many requests are waiting for model '{self.model}'; retry later.", code="queue_full"
-            ) from None
+        self._job, self._deadline = job, job["deadline"]
+        await self._send_job()
         event = await self._wait_admission(cfg)
         if event is None:
             raise ServiceUnavailable(
@@ -253,8 +257,19 @@ class GenerationJob:
             return {"stream_interval": 0, "stream_hold": min(UNSTREAMED_HOLD_SECONDS, cfg.event_timeout / 4)}
         return {"stream_interval": cfg.stream_interval, "stream_hold": min(STREAM_HOLD_SECONDS, cfg.event_timeout / 4)}
 
+    async def _send_job(self) -> None:
+        try:
+            await self.layer.send(job_channel_for(self.model), self._job)
+        except ChannelFull:
+            raise ServiceUnavailable(
+                f"Too many requests are waiting for model '{self.model}'; retry later.", code="queue_full"
+            ) from None
+        self._sent_at = time.time()
+        self._unclaimed_since = None
+
     async def _wait_admission(self, cfg) -> dict[str, Any] | None:
-        """The worker's first event; scaled, give up early once no worker of the model is alive."""
+        """The worker's first event; scaled, give up early once no worker of the model is alive, and send the job
+        again when the worker that took it stopped before starting it."""
         registry = get_registry()
         deadline = time.monotonic() + cfg.queue_timeout
         orphaned_since = None
@@ -276,6 +291,53 @@ class GenerationJob:
                         param="model",
                         code="no_worker_available",
                     )
+                if await self._lost_before_start(registry, cfg):
+                    await self._send_again()
+
+    async def _lost_before_start(self, registry, cfg) -> bool:
+        """Whether no live worker has this job: it left the queue but nobody claimed it for ``worker_ttl``, or the
+        worker that claimed it stopped beating. A stopped worker may have taken it (a ``SIGSTOP`` during its
+        blocking read: Redis hands the job to a process that cannot run), or lost it (that read timed out).
+        """
+        try:
+            if not await registry.left_queue(
+                getattr(self.layer, "prefix", "asgi") + job_channel_for(self.model), self._sent_at
+            ):
+                self._unclaimed_since = None
+                return False  # still waiting its turn
+            holder = await registry.claim_holder(self.id)
+            if holder is None:
+                now = time.monotonic()
+                if self._unclaimed_since is None:
+                    self._unclaimed_since = now
+                return now - self._unclaimed_since >= cfg.worker_ttl
+            self._unclaimed_since = None
+            return not holder.startswith("!") and not await registry.alive(holder)
+        except RegistryUnavailable:
+            return False  # Redis itself is down: the queue timeout still bounds the wait
+
+    async def _send_again(self) -> None:
+        """Send the job again, same id: its claim lets only one worker run it, whichever copy it pulls."""
+        if self._resends >= MAX_RESENDS:
+            await self._give_up()
+            raise ServiceUnavailable(
+                f"The workers that took this request stopped before starting it, {self._resends + 1} times.",
+                code="worker_lost",
+            )
+        self._resends += 1
+        logger.warning("job %s: taken by a worker that stopped before starting it; sending it again", self.id)
+        await self._send_job()
+
+    async def _give_up(self, keep: float | None = None) -> None:
+        """Scaled: mark this job abandoned, so that no worker starts it and a worker that holds it stops it."""
+        registry = get_registry()
+        if registry is None or self._deadline is None:
+            return
+        keep = max(self._deadline - time.time(), 0.0) + CLAIM_MARGIN_SECONDS if keep is None else keep
+        try:
+            await registry.abandon(self.id, keep)
+        except RegistryUnavailable as exc:
+            logger.warning("job %s: could not mark it abandoned: %s", self.id, exc)
 
     async def deltas(self, tick: float | None = None) -> AsyncIterator[Delta | None]:
         """Yield deltas until the job is done; ``None`` every ``tick`` seconds of silence (for keep-alives).
@@ -308,6 +370,9 @@ class GenerationJob:
             if event is None:
                 if registry is not None and self.worker and not await self._worker_alive(registry):
                     self.finished = True
+                    # The worker may only be stopped: tell it, for when it resumes, that nobody reads this job.
+                    await self._give_up(keep=ABANDONED_SECONDS)
+                    await self.cancel(force=True)
                     raise ServiceUnavailable(
                         f"The worker running this generation ({self.worker}) stopped responding.",
                         code="worker_lost",
@@ -355,9 +420,9 @@ class GenerationJob:
         await self.start()
         return "".join([delta.text async for delta in self.deltas() if delta is not None])
 
-    async def cancel(self) -> None:
+    async def cancel(self, *, force: bool = False) -> None:
         """Ask the worker to stop; its ``done`` event (with exact usage) still arrives."""
-        if self.finished or self._cancel_sent:
+        if (self.finished and not force) or self._cancel_sent:
             return
         self._cancel_sent = True
         message = {"type": events.CANCEL, "id": self.id}
@@ -377,7 +442,9 @@ class GenerationJob:
         self._closed = True
         if self.reply_channel is not None and not self.finished:
             await self.cancel()
-            if self.control_channel is not None:
+            if self.control_channel is None:
+                await self._give_up()  # not admitted: no copy of it may start now
+            else:
                 # Admitted: its worker still reports the exact usage of what it generated. Read it in the
                 # background (the client is gone; nothing waits), so limits and usage count those tokens and
                 # no event is left behind in the channel layer.

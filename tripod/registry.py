@@ -2,7 +2,12 @@
 
 Each worker beats ``tripod:worker:<id>`` (a JSON record) with a short TTL; a missing key is a dead
 worker. The web tier reads it to list models, to decide readiness, and to notice a worker that died
-mid-stream. Job claims (``SET NX``) make sure a job pulled twice is still served once.
+mid-stream.
+
+A job claim (``tripod:claim:<job id>``) says who owns a job, so that a job sent twice (the web tier sends again a
+job that a stopped worker took) or delivered twice is served once. It holds the id of the worker running the job,
+renewed with each of that worker's heartbeats; then ``!ended`` until the job's queue deadline, past which no copy
+of it may start; or ``!abandoned`` when its client gave up on it, which a worker holding it reads as "stop".
 
 Web processes beat ``tripod:web:<id>`` too, from their first generation on, and name themselves in each
 job: a worker stops the generations of a web process that died (a crash, ``SIGKILL``, a lost host), which
@@ -35,7 +40,56 @@ WEB_KEY = "tripod:web:"
 WEB_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 MODELS_KEY = "tripod:models"
 CLAIM_KEY = "tripod:claim:"
-CLAIM_TTL_MS = 6 * 3600 * 1000
+# Claim values that no worker id can be: the job is over, or given up by its client. Neither is ever taken over.
+ENDED = "!ended"
+ABANDONED = "!abandoned"
+# A running job's claim lives this many worker TTLs past its worker's last heartbeat (each beat renews it).
+CLAIM_TTL_BEATS = 10
+# An ended or abandoned job's claim outlives its queue deadline by this much (clocks of two hosts differ a little).
+CLAIM_MARGIN_SECONDS = 5.0
+# The ids of jobs that a client gave up while a stopped worker ran them stay at least this long, so that the worker
+# learns it when it resumes.
+ABANDONED_SECONDS = 600.0
+
+# Take a job unless someone else holds it: a live worker, or a final ``!`` value. A dead worker's claim is taken over.
+# KEYS: the claim; ARGV: worker id, TTL in ms, the worker key prefix.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+    if string.sub(holder, 1, 1) == '!' or redis.call('EXISTS', ARGV[3] .. holder) == 1 then
+        return 0
+    end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# Renew a worker's claims; answer the (1-based) positions of those it no longer holds. A missing claim is taken
+# again: Redis restarted, or the claim expired while nobody else wanted the job.
+# KEYS: the claims; ARGV: worker id, TTL in ms.
+_RENEW = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+    local holder = redis.call('GET', key)
+    if not holder or holder == ARGV[1] then
+        redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    else
+        table.insert(lost, i)
+    end
+end
+return lost
+"""
+# End a job's claim if this worker still holds it: ``!ended`` for ARGV[2] ms, or no key when that is 0.
+# KEYS: the claim; ARGV: worker id, ms to keep.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    if tonumber(ARGV[2]) > 0 then
+        redis.call('SET', KEYS[1], '!ended', 'PX', ARGV[2])
+    else
+        redis.call('DEL', KEYS[1])
+    end
+end
+return 0
+"""
 
 # What a failing Redis raises, for callers that turn it into a 503 or a retry.
 RegistryUnavailable = (RedisError, OSError, asyncio.TimeoutError)
@@ -56,6 +110,11 @@ class _LoopState:
         self.fetched_at = float("-inf")
         self.lock = asyncio.Lock()
         self.web_heartbeat: asyncio.Task | None = None
+        self.claim_script = self.client.register_script(_CLAIM)
+        self.renew_script = self.client.register_script(_RENEW)
+        self.release_script = self.client.register_script(_RELEASE)
+        # Per queue key: (wall time of the read, score of its oldest message or None).
+        self.queue_heads: dict[str, tuple[float, float | None]] = {}
 
 
 class WorkerRegistry:
@@ -64,6 +123,7 @@ class WorkerRegistry:
     def __init__(self, url: str, ttl: float) -> None:
         self.url = url
         self.ttl_ms = max(int(ttl * 1000), 100)
+        self.claim_ttl_ms = CLAIM_TTL_BEATS * self.ttl_ms
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
 
     def _state(self) -> _LoopState:
@@ -145,19 +205,59 @@ class WorkerRegistry:
                 logger.warning("web heartbeat failed: %s", exc)
 
     async def claim(self, job_id: str, worker_id: str) -> bool:
-        """Take a job for ``worker_id``; False if a live worker already took it."""
-        key = CLAIM_KEY + job_id
-        if await self.redis.set(key, worker_id, nx=True, px=CLAIM_TTL_MS):
-            return True
-        holder = await self.redis.get(key)
-        if (
-            holder is not None
-            and holder.decode() != worker_id
-            and await self.redis.exists(WORKER_KEY + holder.decode())
-        ):
-            return False
-        await self.redis.set(key, worker_id, px=CLAIM_TTL_MS)
-        return True
+        """Take a job for ``worker_id``; False if a live worker holds it, or it ended, or its client gave it up."""
+        state = self._state()
+        taken = await state.claim_script(keys=[CLAIM_KEY + job_id], args=[worker_id, self.claim_ttl_ms, WORKER_KEY])
+        return bool(taken)
+
+    async def renew_claims(self, job_ids: list[str], worker_id: str) -> list[str]:
+        """Renew ``worker_id``'s claims (each heartbeat); return the jobs it no longer holds, to stop them."""
+        if not job_ids:
+            return []
+        state = self._state()
+        lost = await state.renew_script(
+            keys=[CLAIM_KEY + job_id for job_id in job_ids], args=[worker_id, self.claim_ttl_ms]
+        )
+        return [job_ids[int(i) - 1] for i in lost]
+
+    async def holds(self, job_id: str, worker_id: str) -> bool:
+        """Whether ``worker_id`` still holds the job's claim."""
+        holder = await self.redis.get(CLAIM_KEY + job_id)
+        return holder is not None and holder.decode() == worker_id
+
+    async def release(self, job_id: str, worker_id: str, deadline: float | None) -> None:
+        """End ``worker_id``'s claim: kept as ``!ended`` while a copy of the job could still start (its deadline)."""
+        keep = 0.0 if deadline is None else deadline + CLAIM_MARGIN_SECONDS - time.time()
+        await self._state().release_script(keys=[CLAIM_KEY + job_id], args=[worker_id, max(int(keep * 1000), 0)])
+
+    async def abandon(self, job_id: str, keep: float) -> None:
+        """Mark a job given up by its client for ``keep`` seconds: no worker starts it, its holder stops it."""
+        await self.redis.set(CLAIM_KEY + job_id, ABANDONED, px=max(int(keep * 1000), 1))
+
+    async def claim_holder(self, job_id: str) -> str | None:
+        """Who holds the job: a worker id, ``!ended``, ``!abandoned``, or None (nobody claimed it yet)."""
+        holder = await self.redis.get(CLAIM_KEY + job_id)
+        return None if holder is None else holder.decode()
+
+    async def left_queue(self, queue_key: str, sent_at: float) -> bool:
+        """Whether a message sent to ``queue_key`` by ``sent_at`` (wall time) has been taken from it.
+
+        channels_redis keeps a channel as a sorted set scored by send time (and a ``$inflight`` set of messages
+        whose receive was cancelled, which go back): once the oldest score is later than ``sent_at``, or both are
+        empty, the message left. One read per queue serves a process's waiting jobs for ``WORKERS_CACHE_SECONDS``.
+        """
+        state = self._state()
+        read_at, head = state.queue_heads.get(queue_key, (float("-inf"), None))
+        if read_at < sent_at or time.time() - read_at >= WORKERS_CACHE_SECONDS:
+            read_at = time.time()
+            async with state.client.pipeline(transaction=False) as pipe:
+                pipe.zrange(queue_key, 0, 0, withscores=True)
+                pipe.zrange(queue_key + "$inflight", 0, 0, withscores=True)
+                queued, inflight = await pipe.execute()
+            scores = [score for _, score in (*queued, *inflight)]
+            head = min(scores) if scores else None
+            state.queue_heads[queue_key] = (read_at, head)
+        return head is None or head > sent_at
 
 
 _registry: WorkerRegistry | None = None
