@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.browser import CHROMIUM_ARGS, ChatPage, chromium_path
+from tests.browser import ChatPage, chromium_browser
 from tests.processes import ROOT, LiveServer
 from tests.tcp_proxy import TCPProxy
 
@@ -34,15 +34,8 @@ LENGTH = 120  # tokens of the replies compared with REST: enough to see them gro
 
 @pytest.fixture(scope="module")
 def chromium():
-    path = chromium_path()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium_browser() as browser:
+        yield browser
 
 
 def _serve(env: dict[str, str] | None = None) -> LiveServer:
