@@ -29,6 +29,10 @@ import openai  # noqa: E402
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
 # The SDK refuses to run without a key; a server with no key configured ignores the header.
 NO_KEY = "unused"
+# The sampling controls' initial values, and what a control Gradio has not rendered yet (``None``) stands for.
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 1.0
+DEFAULT_MAX_TOKENS = 256
 
 
 def make_client(server_url: str, api_key: str = "") -> openai.OpenAI:
@@ -85,10 +89,12 @@ def text_of(content: str | list | dict | None) -> str:
     return ""
 
 
-def chat_messages(message: str, history: list[dict], system_prompt: str = "") -> list[dict[str, str]]:
-    """The OpenAI ``messages`` for a new user turn after Gradio's ``history`` (role/content dicts)."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
-    for turn in history:
+def chat_messages(message: str, history: list[dict] | None, system_prompt: str | None = "") -> list[dict[str, str]]:
+    """The OpenAI ``messages`` for a new user turn after Gradio's ``history`` (role/content dicts). Any
+    optional input may be ``None``: Gradio sends that for a control it has not rendered (a closed accordion)."""
+    system_prompt = (system_prompt or "").strip()
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for turn in history or []:
         text = text_of(turn.get("content"))
         if turn.get("role") in ("user", "assistant") and text:
             messages.append({"role": turn["role"], "content": text})
@@ -96,23 +102,48 @@ def chat_messages(message: str, history: list[dict], system_prompt: str = "") ->
     return messages
 
 
+def sampling_params(
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_tokens: float | None = None,
+    seed: str | int | None = None,
+) -> dict[str, float | int]:
+    """The sampling fields of a request from the page's controls. ``None`` (a control Gradio has not
+    rendered) is the control's default; an empty seed sends no ``seed`` (a random reply), a number sends it;
+    anything else raises ``gr.Error`` rather than being dropped."""
+    params: dict[str, float | int] = {
+        "temperature": DEFAULT_TEMPERATURE if temperature is None else float(temperature),
+        "top_p": DEFAULT_TOP_P if top_p is None else float(top_p),
+        "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens),
+    }
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    text = "" if seed is None else str(seed).strip()
+    if text:
+        try:
+            params["seed"] = int(text)
+        except ValueError:
+            raise user_error(
+                f"The seed must be a whole number, or empty for a random reply; got {text!r}.", "Seed"
+            ) from None
+    return params
+
+
 def stream_reply(
     client: openai.OpenAI,
     messages: list[dict[str, str]],
     model: str,
     *,
-    temperature: float = 0.7,
-    top_p: float = 1.0,
-    max_tokens: int = 256,
-    seed: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_tokens: float | None = None,
+    seed: str | int | None = None,
 ) -> Iterator[str]:
     """Yield the assistant's reply so far, growing by each streamed delta; raise ``gr.Error`` with a readable
     message on any failure. Closing the generator closes the stream, which cancels the generation."""
     if not model:
         raise user_error("No model to talk to: the server listed none. Press “Refresh models”.", "No model")
-    params = {"temperature": temperature, "top_p": top_p, "max_tokens": int(max_tokens)}
-    if seed is not None:
-        params["seed"] = int(seed)
+    params = sampling_params(temperature, top_p, max_tokens, seed)
     reply = ""
     try:
         with client.chat.completions.create(model=model, messages=messages, stream=True, **params) as stream:
@@ -156,14 +187,18 @@ def build_app(server_url: str = DEFAULT_SERVER_URL, api_key: str = "") -> gr.Blo
         with gr.Accordion("Sampling", open=False):
             system_prompt = gr.Textbox(label="System prompt", placeholder="(none)", lines=2)
             with gr.Row():
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)")
-                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top_p")
-                max_tokens = gr.Slider(1, 4096, value=256, step=1, label="max_tokens")
-                seed = gr.Number(value=None, precision=0, label="Seed (empty: random)")
+                temperature = gr.Slider(0, 2, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1, value=DEFAULT_TOP_P, step=0.05, label="top_p")
+                max_tokens = gr.Slider(
+                    1, 4096, value=DEFAULT_MAX_TOKENS, step=1, label="max_tokens", elem_id="max-tokens"
+                )
+                # A text box, not gr.Number: a Number shows and sends 0 for "empty", so no reply would be random.
+                seed = gr.Textbox(value="", label="Seed (empty: random)", placeholder="random", elem_id="seed")
         refresh.click(refresh_models, inputs=model, outputs=model, api_name="refresh_models")
         gr.ChatInterface(
             respond,
             additional_inputs=[model, system_prompt, temperature, top_p, max_tokens, seed],
+            textbox=gr.Textbox(placeholder="Message AI Tripod…", show_label=False, elem_id="message"),
             analytics_enabled=False,
             # The server queues and rate-limits; the page should not serialize its users on top of that.
             concurrency_limit=None,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,20 @@ def chromium_path() -> str:
     if os.environ.get(SKIP_VARIABLE) == "1":
         pytest.skip(message)
     pytest.fail(message, pytrace=False)
+
+
+@contextmanager
+def chromium_browser() -> Iterator:
+    """A headless system Chromium for a test module's fixture, closed afterwards."""
+    path = chromium_path()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 class ChatPage:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.browser import CHROMIUM_ARGS, ChatPage, chromium_path
+from tests.browser import ChatPage, chromium_browser
 from tests.processes import ROOT, LiveServer
 from tests.tcp_proxy import TCPProxy
 
@@ -34,15 +34,8 @@ LENGTH = 120  # tokens of the replies compared with REST: enough to see them gro
 
 @pytest.fixture(scope="module")
 def chromium():
-    path = chromium_path()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium_browser() as browser:
+        yield browser
 
 
 def _serve(env: dict[str, str] | None = None) -> LiveServer:
@@ -290,6 +283,98 @@ def test_an_sse_reply_survives_a_cut_connection(chromium, live):
         proxy.close()
 
 
+# --- the conversation: kept across reloads, copied, regenerated -------------------------------------------
+
+
+def test_the_conversation_survives_a_reload_and_new_chat_clears_it(chat, live):
+    chat.open()
+    chat.configure(max_tokens=12, ignore_eos=True, **SAMPLING)
+    first = chat.send(PROMPT)
+    assert chat.wait_state(first, "done", "error") == "done"
+    raw = first.get_attribute("data-raw")
+    chat.page.reload()
+    chat.page.wait_for_selector("#app[data-models=ready]")
+    assert chat.page.locator(".msg.user").all_inner_texts() == [PROMPT]
+    restored = chat.page.locator(".msg.assistant")
+    assert restored.count() == 1 and restored.get_attribute("data-raw") == raw
+    assert "12 tokens" in restored.locator(".meta").inner_text()
+    # The restored turns are the conversation: the next request carries them. (The seed and ignore_eos are
+    # per-session choices that a reload does not keep.)
+    chat.configure(ignore_eos=True, seed=SAMPLING["seed"])
+    second = chat.send("And about lakes?")
+    assert chat.wait_state(second, "done", "error") == "done"
+    history = [
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": raw},
+        {"role": "user", "content": "And about lakes?"},
+    ]
+    assert second.get_attribute("data-raw") == expected_reply(live, history, 12)
+
+    chat.page.click("#new-chat")
+    chat.page.reload()
+    chat.page.wait_for_selector("#app[data-models=ready]")
+    assert chat.page.locator(".msg").count() == 0 and chat.page.is_visible("#empty")
+
+
+def test_regenerate_replaces_the_last_reply(chat, live):
+    chat.open()
+    chat.configure(max_tokens=12, ignore_eos=True, **SAMPLING)
+    first = chat.send("Hello")
+    assert chat.wait_state(first, "done", "error") == "done"
+    second = chat.send(PROMPT)
+    assert chat.wait_state(second, "done", "error") == "done"
+    # Only the last reply offers Regenerate; every finished one offers Copy.
+    assert chat.page.locator(".regenerate:visible").count() == 1
+    assert chat.page.locator(".copy:visible").count() == 2
+    history = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": first.get_attribute("data-raw")},
+        {"role": "user", "content": PROMPT},
+    ]
+    assert second.get_attribute("data-raw") == expected_reply(live, history, 12)
+
+    chat.configure(seed=99)
+    second.locator(".regenerate").click()
+    again = chat.page.locator(".msg.assistant").nth(1)
+    assert chat.wait_state(again, "done", "error") == "done"
+    assert chat.page.locator(".msg.assistant").count() == 2 and chat.page.locator(".msg.user").count() == 2
+    regenerated = expected_reply(live, history, 12, {**SAMPLING, "seed": 99})
+    assert again.get_attribute("data-raw") == regenerated != expected_reply(live, history, 12)
+    # The replaced reply is gone for good: a reload shows the new one.
+    chat.page.reload()
+    chat.page.wait_for_selector("#app[data-models=ready]")
+    assert chat.page.locator(".msg.assistant").nth(1).get_attribute("data-raw") == regenerated
+
+
+def test_copy_puts_the_reply_on_the_clipboard(chromium, live):
+    context = chromium.new_context(viewport=DESKTOP)
+    try:
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live.url)
+        chat = ChatPage(context.new_page(), live.url).open()
+        chat.configure(max_tokens=12, ignore_eos=True, **SAMPLING)
+        reply = chat.send(PROMPT)
+        assert chat.wait_state(reply, "done", "error") == "done"
+        reply.locator(".copy").click()
+        chat.page.wait_for_selector(".copy[data-copied=yes]")
+        assert chat.page.evaluate("() => navigator.clipboard.readText()") == reply.get_attribute("data-raw")
+        # Without the Clipboard API (a page over plain http on another host), the fallback copies the same text.
+        chat.page.evaluate(
+            """() => {
+                Object.defineProperty(navigator, 'clipboard', {value: undefined, configurable: true});
+                window.__copied = null;
+                document.addEventListener('copy', () => { window.__copied = getSelection().toString() ||
+                    document.activeElement.value.slice(document.activeElement.selectionStart,
+                                                       document.activeElement.selectionEnd); });
+            }"""
+        )
+        reply.locator(".copy").click()
+        chat.page.wait_for_function("() => window.__copied !== null")
+        assert chat.page.evaluate("() => window.__copied") == reply.get_attribute("data-raw")
+        assert chat.problems == []
+    finally:
+        context.close()
+
+
 # --- API keys -------------------------------------------------------------------------------------------------
 
 
@@ -317,9 +402,11 @@ def test_a_server_with_a_key_asks_for_it(chromium):
             chat.configure(transport=transport, max_tokens=8)
             reply = chat.send(f"Hello over {transport}")
             assert chat.wait_state(reply, "done", "error") == "done", reply.inner_text()
-        # The key is remembered in this browser.
+        # The key is remembered in this tab across a reload, but never put in localStorage (which outlives it).
         chat.page.reload()
         chat.page.wait_for_selector("#app[data-models=ready]")
+        stored = chat.page.evaluate("() => JSON.stringify({...localStorage})")
+        assert key not in stored and chat.page.evaluate("() => sessionStorage.getItem('tripod.apiKey')") == key
         # Only the refused first try logged an error (the 401s of /v1/models).
         assert all("401" in problem for problem in chat.problems), chat.problems
     finally:

@@ -8,6 +8,7 @@ construction of every Gradio component in the same process.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import run_webui
+from tests.browser import chromium_browser
 from tests.processes import LiveServer, Process, free_port
 
 SECRET = "sk-webui-test-key"
@@ -100,6 +102,12 @@ def page(server) -> Iterator[tuple[str, Process]]:
         webui.stop()
 
 
+@pytest.fixture(scope="module")
+def chromium():
+    with chromium_browser() as browser:
+        yield browser
+
+
 def test_chat_messages_flatten_gradio_history():
     assert run_webui.chat_messages("And lakes?", HISTORY, system_prompt="Be brief.") == [
         {"role": "system", "content": "Be brief."},
@@ -107,6 +115,22 @@ def test_chat_messages_flatten_gradio_history():
         {"role": "assistant", "content": "Rivers flow to the sea."},
         {"role": "user", "content": "And lakes?"},
     ]
+
+
+def test_controls_gradio_has_not_rendered_mean_their_defaults():
+    # A closed accordion's controls arrive as None: the first message must still go out, with the defaults.
+    assert run_webui.chat_messages("Hi", None, None) == [{"role": "user", "content": "Hi"}]
+    assert run_webui.chat_messages("Hi", [], "  ") == [{"role": "user", "content": "Hi"}]
+    assert run_webui.sampling_params(None, None, None, None) == {"temperature": 0.7, "top_p": 1.0, "max_tokens": 256}
+
+
+def test_an_empty_seed_sends_none_and_a_number_sends_it():
+    for empty in (None, "", "   "):
+        assert "seed" not in run_webui.sampling_params(0.7, 1, 16, empty), empty
+    for filled, sent in (("1234", 1234), (" 0 ", 0), (-5, -5), (42.0, 42), (str(2**70), 2**70)):
+        assert run_webui.sampling_params(0.7, 1, 16, filled)["seed"] == sent, filled
+    with pytest.raises(gr.Error, match="whole number"):
+        run_webui.sampling_params(0.7, 1, 16, "abc")
 
 
 @ON_ONE_ENGINE
@@ -181,3 +205,66 @@ def test_page_lists_the_models_and_streams_a_reply(server, page):
     assert job.cancel()
     assert wait_for(lambda: server.output().count("finish_reason=cancelled") > cancelled, timeout=10)
     assert "OUTSIDE" not in webui.output() and "Traceback" not in webui.output(), webui.output()
+
+
+# What Gradio shows for a failed event: a toast, or a bare red "Error" in the component's status tracker.
+GRADIO_ERRORS = "[data-testid=toast-body], span.error"
+
+
+def _reply_or_error(tab, index: int) -> str:
+    """Wait until the ``index``-th bot message has finished (no stop button, the message box usable again) or
+    Gradio shows an error; return that message's text."""
+    tab.wait_for_function(
+        """([i, errors]) => document.querySelector(errors) ||
+                 (document.querySelectorAll('[data-testid=bot]').length > i &&
+                  document.querySelectorAll('[data-testid=bot]')[i].innerText.trim() &&
+                  !document.querySelector('[data-testid=stop-button]') &&
+                  !document.querySelector('#message textarea').disabled)""",
+        arg=[index, GRADIO_ERRORS],
+        timeout=120_000,
+    )
+    errors = tab.locator(GRADIO_ERRORS).all_inner_texts()
+    assert errors == [], errors
+    return tab.locator("[data-testid=bot]").nth(index).inner_text()
+
+
+@ON_ONE_ENGINE
+def test_a_person_chats_in_chromium_before_and_after_opening_sampling(server, page, chromium):
+    url, webui = page
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        tab = context.new_page()
+        problems: list[str] = []
+        tab.on("pageerror", lambda error: problems.append(str(error)))
+        sent: list[list] = []  # the inputs of each chat call, as the page sends them to Gradio's queue
+        tab.on("request", lambda r: "/queue/join" in r.url and sent.append(json.loads(r.post_data)["data"]))
+        tab.goto(url)
+        box = tab.locator("#message textarea")
+
+        # The first message, "Sampling" never opened: a reply, no error.
+        box.fill("Hello there")
+        box.press("Enter")
+        assert _reply_or_error(tab, 0)
+
+        # Opened, the seed left empty: no seed goes out (a random reply); typed in, that seed.
+        tab.get_by_text("Sampling").click()
+        seed = tab.locator("#seed textarea, #seed input").first
+        seed.wait_for()
+        assert seed.input_value() == ""
+        max_tokens = tab.locator("#max-tokens input[type=number]")
+        max_tokens.fill("8")
+        max_tokens.press("Enter")
+        box.fill("And again?")
+        box.press("Enter")
+        assert _reply_or_error(tab, 1)
+        seed.fill("1234")
+        box.fill("Once more.")
+        box.press("Enter")
+        assert _reply_or_error(tab, 2)
+        seeds = [data[-1] for data in sent if len(data) == 8 and data[2] == "tiny"]
+        assert len(seeds) == 3 and seeds[1] in (None, "") and seeds[2] == "1234", sent
+        assert [data[6] for data in sent if len(data) == 8 and data[2] == "tiny"][1:] == [8, 8], sent
+        assert problems == [], problems
+    finally:
+        context.close()
+    assert "Traceback" not in webui.output() and "OUTSIDE" not in webui.output(), webui.output()

@@ -6,11 +6,18 @@
 // has data-state (waiting | streaming | stopping | done | stopped | error), data-raw (its text as
 // received), data-tokens, data-tps, data-ttft-ms, data-finish-reason and data-reconnects; #app has
 // data-models (loading | ready | auth | error) and data-busy.
+//
+// The conversation is kept in localStorage (one entry per page path, capped) so a reload keeps it; the API key
+// is kept in sessionStorage only (this tab, until it closes), never in localStorage.
 
 import { renderMarkdown } from "./markdown.js";
 
 const KEY_STORAGE = "tripod.apiKey";
 const SETTINGS_STORAGE = "tripod.settings";
+const CONVERSATION_STORAGE = `tripod.conversation:${location.pathname}`;
+// What a reload keeps: the latest messages, at most this many and this many characters in all.
+const KEEP_MESSAGES = 200;
+const KEEP_CHARS = 200_000;
 const STOP_GRACE_MS = 5000;
 
 const $ = (selector) => document.querySelector(selector);
@@ -40,8 +47,14 @@ const emptyState = $("#empty").cloneNode(true);
 // ---------------------------------------------------------------------------------------------------
 // API key
 
+// Earlier versions kept the key in localStorage, where it outlived the tab: move it to this tab's session.
+if (localStorage.getItem(KEY_STORAGE)) {
+  sessionStorage.setItem(KEY_STORAGE, localStorage.getItem(KEY_STORAGE));
+  localStorage.removeItem(KEY_STORAGE);
+}
+
 function apiKey() {
-  return localStorage.getItem(KEY_STORAGE) || "";
+  return sessionStorage.getItem(KEY_STORAGE) || "";
 }
 
 function authHeaders() {
@@ -64,8 +77,8 @@ function refreshKeyStatus() {
 }
 
 function setKey(key) {
-  if (key) localStorage.setItem(KEY_STORAGE, key);
-  else localStorage.removeItem(KEY_STORAGE);
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
   socket.reset(); // the key travels in the WebSocket handshake
   refreshKeyStatus();
   loadModels();
@@ -80,7 +93,7 @@ $("#auth-form").addEventListener("submit", (event) => {
 });
 $("#api-key-change").addEventListener("click", () => {
   closeSettings();
-  showAuth("Enter a key. It is kept in this browser only.");
+  showAuth("Enter a key. It is kept in this tab only, until it closes.");
 });
 $("#api-key-forget").addEventListener("click", () => setKey(""));
 
@@ -205,7 +218,7 @@ $(".layout").addEventListener("click", (event) => {
 function requestBody() {
   const messages = [];
   if (systemPrompt.value.trim()) messages.push({ role: "system", content: systemPrompt.value.trim() });
-  messages.push(...history);
+  messages.push(...history.map(({ role, content }) => ({ role, content })));
   const body = { messages, temperature: Number(temperature.value) };
   if (modelSelect.value) body.model = modelSelect.value;
   const max = parseInt(maxTokens.value, 10);
@@ -264,7 +277,24 @@ class ReplyView {
     this.body.className = "body md";
     this.meta = document.createElement("div");
     this.meta.className = "meta";
-    content.append(this.body, this.meta);
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    const copy = Object.assign(document.createElement("button"), {
+      type: "button",
+      className: "ghost small copy",
+      textContent: "Copy",
+      title: "Copy this reply",
+    });
+    copy.addEventListener("click", () => copyText(this.raw, copy));
+    const again = Object.assign(document.createElement("button"), {
+      type: "button",
+      className: "ghost small regenerate",
+      textContent: "Regenerate",
+      title: "Write this reply again",
+    });
+    again.addEventListener("click", regenerate);
+    actions.append(copy, again);
+    content.append(this.body, this.meta, actions);
     this.article.append(avatar, content);
     conversation.append(this.article);
     this.setState("waiting");
@@ -346,6 +376,28 @@ class ReplyView {
     scrollToEnd(false);
   }
 
+  /** Show a reply saved before a reload, as it ended. */
+  restore(message) {
+    this.raw = message.content;
+    this.model = message.model || null;
+    this.tokens = Number(message.tokens) || 0;
+    this.article.dataset.finishReason = message.finish_reason || "";
+    this.setState(message.finish_reason === "cancelled" ? "stopped" : "done");
+    this.render();
+  }
+
+  /** What a reload keeps of this reply. */
+  saved() {
+    return {
+      role: "assistant",
+      content: this.raw,
+      model: this.model,
+      tokens: this.tokens,
+      finish_reason: this.article.dataset.finishReason || null,
+      transport: this.article.dataset.transport,
+    };
+  }
+
   renderMeta(note) {
     const items = [];
     const ttft = this.firstAt === null ? null : Math.round(this.firstAt - this.sentAt);
@@ -377,6 +429,70 @@ class ReplyView {
         Object.assign(document.createElement("span"), { textContent: text, className: `badge ${extra}`.trim() }),
       ),
     );
+  }
+}
+
+/** Put `text` on the clipboard: the Clipboard API where the page may use it, else a selected textarea and
+ * the older copy command. The button says whether it worked (data-copied: yes | no). */
+async function copyText(text, button) {
+  let copied = false;
+  try {
+    await navigator.clipboard.writeText(text);
+    copied = true;
+  } catch {
+    const area = Object.assign(document.createElement("textarea"), { value: text, readOnly: true });
+    area.className = "copy-buffer";
+    document.body.append(area);
+    area.select();
+    try {
+      copied = document.execCommand("copy");
+    } catch {
+      copied = false;
+    }
+    area.remove();
+  }
+  button.dataset.copied = copied ? "yes" : "no";
+  button.textContent = copied ? "Copied" : "Copy failed";
+  setTimeout(() => {
+    button.textContent = "Copy";
+  }, 1500);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The conversation across reloads
+
+function saveConversation() {
+  let kept = history.slice(-KEEP_MESSAGES);
+  let chars = kept.reduce((sum, message) => sum + message.content.length, 0);
+  while (kept.length > 1 && chars > KEEP_CHARS) {
+    chars -= kept[0].content.length;
+    kept = kept.slice(1);
+  }
+  while (kept.length && kept[0].role !== "user") kept = kept.slice(1); // start on a user turn
+  try {
+    if (kept.length) localStorage.setItem(CONVERSATION_STORAGE, JSON.stringify({ version: 1, messages: kept }));
+    else localStorage.removeItem(CONVERSATION_STORAGE);
+  } catch {
+    /* storage full or off: the conversation still lives in the page */
+  }
+}
+
+function restoreConversation() {
+  let saved;
+  try {
+    saved = JSON.parse(localStorage.getItem(CONVERSATION_STORAGE));
+  } catch {
+    saved = null;
+  }
+  const valid = (m) => m && ["user", "assistant"].includes(m.role) && typeof m.content === "string";
+  if (!saved || saved.version !== 1 || !Array.isArray(saved.messages)) return;
+  for (const message of saved.messages.filter(valid)) {
+    history.push(message);
+    if (message.role === "user") addUserMessage(message.content);
+    else {
+      const view = new ReplyView(message.transport || transport());
+      view.restore(message);
+    }
   }
 }
 
@@ -586,6 +702,25 @@ function setBusy(busy) {
 function send(text) {
   history.push({ role: "user", content: text });
   addUserMessage(text);
+  saveConversation();
+  runTurn();
+}
+
+/** Ask again for the last reply: the conversation up to the last user message, the old reply replaced. */
+function regenerate() {
+  if (current) return;
+  const replies = conversation.querySelectorAll(".msg.assistant");
+  const last = replies[replies.length - 1];
+  if (!last || last !== conversation.lastElementChild) return;
+  if (history.length && history[history.length - 1].role === "assistant") history.pop();
+  if (!history.length || history[history.length - 1].role !== "user") return;
+  last.remove();
+  saveConversation();
+  runTurn();
+}
+
+/** Stream a reply to the conversation as it stands (its last message is the user's). */
+function runTurn() {
   const name = transport();
   const view = new ReplyView(name);
   const body = requestBody();
@@ -596,7 +731,8 @@ function send(text) {
   turn.finished.then(() => {
     if (started === epoch) {
       if (view.state === "error") history.pop(); // a failed turn is not part of the conversation
-      else if (view.raw) history.push({ role: "assistant", content: view.raw });
+      else if (view.raw) history.push(view.saved());
+      saveConversation();
     }
     current = null;
     setBusy(false);
@@ -638,6 +774,7 @@ $("#new-chat").addEventListener("click", () => {
   if (current) stop();
   epoch += 1;
   history.length = 0;
+  saveConversation();
   conversation.replaceChildren(emptyState.cloneNode(true));
   prompt.focus();
 });
@@ -645,6 +782,7 @@ $("#new-chat").addEventListener("click", () => {
 // ---------------------------------------------------------------------------------------------------
 
 restoreSettings();
+restoreConversation();
 refreshKeyStatus();
 loadModels();
 prompt.focus();
