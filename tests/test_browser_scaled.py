@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.browser import CHROMIUM_ARGS, ChatPage, chromium_path
+from tests.browser import ChatPage, chromium_browser
 from tests.conftest import chat_body
 from tests.processes import LiveServer, RedisServer, WorkerProcess
 
@@ -26,15 +26,8 @@ PROMPT = "Tell me about rivers."
 
 @pytest.fixture(scope="module")
 def chromium():
-    path = chromium_path()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium_browser() as browser:
+        yield browser
 
 
 @pytest.fixture(scope="module")
