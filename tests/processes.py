@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,6 +17,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / "var" / "test-logs"
+# Scaled web processes refuse the built-in DJANGO_SECRET_KEY; those of one test run share this one, as a
+# deployment's would (a resumable stream's URL signed by one is checked by another).
+SECRET_KEY = secrets.token_urlsafe(50)
 
 
 def free_port() -> int:
@@ -101,6 +105,8 @@ class LiveServer(Process):
         env = dict(env or {})
         env.setdefault("TRIPOD_DB_PATH", migrated_database())
         self.db_path = env["TRIPOD_DB_PATH"]
+        if env.get("REDIS_URL", os.environ.get("REDIS_URL")):
+            env.setdefault("DJANGO_SECRET_KEY", SECRET_KEY)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
