@@ -48,8 +48,8 @@ if os.environ.get("TRIPOD_SECURE_PROXY_SSL_HEADER"):
     SECURE_PROXY_SSL_HEADER = (_header[0], _header[1])
 # No page of this server is meant to be framed: the admin least of all (clickjacking).
 X_FRAME_OPTIONS = "DENY"
-# Admin login: this many failed attempts from one address, or for one username, lock both out for the rest
-# of a window of this many seconds (429); counted in the cache, which is Redis when REDIS_URL is set.
+# Admin login: this many failed attempts from one address, or for one username, within this many seconds of
+# the first, lock that address or username out until then (429); 0 attempts: no limit. Counted in the cache.
 TRIPOD_ADMIN_LOGIN_ATTEMPTS = int(os.environ.get("TRIPOD_ADMIN_LOGIN_ATTEMPTS", "5"))
 TRIPOD_ADMIN_LOGIN_WINDOW = int(os.environ.get("TRIPOD_ADMIN_LOGIN_WINDOW", "300"))
 if TRIPOD_ADMIN_LOGIN_WINDOW < 1:
