@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
+import threading
 
 # Kept here, not in settings.py, so that the check compares against the one definition.
 INSECURE_SECRET_KEY = "tripod-insecure-development-key-change-me"
@@ -85,7 +87,14 @@ def _check_daphne_endpoints() -> None:
 
     def run(self) -> None:
         if not loopback_only(list(self.endpoints)):
-            refuse(f"this server listens on {', '.join(self.endpoints) or 'nothing'}")
+            try:
+                refuse(f"this server listens on {', '.join(self.endpoints) or 'nothing'}")
+            except InsecureSecretKey:
+                if threading.current_thread() is threading.main_thread():
+                    raise
+                # runserver serves from a thread under its autoreloader, which outlives an exception there and
+                # would sit watching files, serving nothing: end the process, and with it the reloader.
+                os._exit(2)
         logger.warning(
             "DJANGO_SECRET_KEY is the built-in development key (allowed: embedded mode on 127.0.0.1 only). %s", _FIX
         )
