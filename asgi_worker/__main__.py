@@ -19,10 +19,17 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # The engine registry's names, so that a new engine shows here without an edit (imports no engine).
+    from tripod.engines.base import ENGINE_MODULES
+
     parser = argparse.ArgumentParser(prog="python -m asgi_worker", description="AI Tripod GPU worker")
     parser.add_argument("--model", help="model to serve (default: $TRIPOD_MODEL, else 'tiny')")
     parser.add_argument("--served-model-name", help="name clients use (default: $TRIPOD_SERVED_MODEL_NAME)")
-    parser.add_argument("--engine", help="engine: hf or openai (default: $TRIPOD_ENGINE, else 'hf')")
+    parser.add_argument(
+        "--engine",
+        choices=sorted(ENGINE_MODULES),
+        help=f"engine: {', '.join(sorted(ENGINE_MODULES))} (default: $TRIPOD_ENGINE, else 'hf')",
+    )
     parser.add_argument("--slots", type=int, help="generations at once (default: $TRIPOD_SLOTS, else the engine's)")
     parser.add_argument(
         "--drain-timeout",

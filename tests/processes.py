@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -17,6 +18,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / "var" / "test-logs"
+# Scaled web processes refuse the built-in DJANGO_SECRET_KEY; those of one test run share this one, as a
+# deployment's would (a resumable stream's URL signed by one is checked by another).
+SECRET_KEY = secrets.token_urlsafe(50)
 
 
 def free_port() -> int:
@@ -118,6 +122,8 @@ class LiveServer(Process):
         env = dict(env or {})
         self.db_path = env.get("DATABASE_URL") or env.get("TRIPOD_DB_PATH") or migrated_database()
         env.update(database_env(self.db_path))
+        if env.get("REDIS_URL", os.environ.get("REDIS_URL")):
+            env.setdefault("DJANGO_SECRET_KEY", SECRET_KEY)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"

@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from routing import application as routed  # noqa: E402
 from tripod import http_limits  # noqa: E402
 from tripod.conf import config  # noqa: E402
+from tripod.deploy_checks import check_secret_key  # noqa: E402
+
+check_secret_key()  # the built-in DJANGO_SECRET_KEY only where nobody else can reach the server
 
 if config().eager_writes:
     from tripod.eager_writes import install

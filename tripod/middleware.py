@@ -15,7 +15,7 @@ from django.conf import settings
 from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
 from django.contrib.sessions import middleware as sessions
-from django.middleware import common, csrf, security
+from django.middleware import clickjacking, common, csrf, security
 
 
 class OnTheLoop:
@@ -62,3 +62,7 @@ class SessionMiddleware(sessions.SessionMiddleware):
         if getattr(request.session, "modified", False) or settings.SESSION_SAVE_EVERY_REQUEST:
             return await sync_to_async(self.process_response, thread_sensitive=True)(request, response)
         return self.process_response(request, response)
+
+
+class XFrameOptionsMiddleware(OnTheLoop, clickjacking.XFrameOptionsMiddleware):
+    """Django's: ``X-Frame-Options: DENY`` on every response (settings only), so the admin cannot be framed."""

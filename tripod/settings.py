@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from corsheaders.defaults import default_headers as cors_default_headers
+from django.core.exceptions import ImproperlyConfigured
+
+from tripod.deploy_checks import INSECURE_SECRET_KEY
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -19,14 +24,51 @@ def _env_bool(name: str, default: bool) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
 DEBUG = _env_bool("DJANGO_DEBUG", False)
-# Only used to sign sessions for the admin; set it in production.
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "tripod-insecure-development-key-change-me")
+# Signs the admin's sessions and the resumable-stream URLs. The built-in key is refused at startup unless
+# DJANGO_DEBUG=1 or the embedded server listens on loopback only (tripod/deploy_checks.py).
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or INSECURE_SECRET_KEY
 ALLOWED_HOSTS = [h.strip() for h in os.environ.get("TRIPOD_ALLOWED_HOSTS", "*").split(",") if h.strip()]
+
+# Behind a TLS-terminating proxy: the origins the admin's forms are posted from (https://tripod.example.com),
+# and the header the proxy sets on HTTPS requests, "HTTP_X_FORWARDED_PROTO,https". Without either, Django
+# takes a proxied HTTPS request for plain HTTP and its CSRF check refuses the admin login (403).
+CSRF_TRUSTED_ORIGINS = _env_list("TRIPOD_CSRF_TRUSTED_ORIGINS")
+if os.environ.get("TRIPOD_SECURE_PROXY_SSL_HEADER"):
+    _header = _env_list("TRIPOD_SECURE_PROXY_SSL_HEADER")
+    if len(_header) != 2 or not _header[0].startswith("HTTP_"):
+        raise ImproperlyConfigured(
+            "TRIPOD_SECURE_PROXY_SSL_HEADER must be HEADER,VALUE with the header as Django names it, "
+            f"e.g. HTTP_X_FORWARDED_PROTO,https; got {os.environ['TRIPOD_SECURE_PROXY_SSL_HEADER']!r}"
+        )
+    SECURE_PROXY_SSL_HEADER = (_header[0], _header[1])
+# No page of this server is meant to be framed: the admin least of all (clickjacking).
+X_FRAME_OPTIONS = "DENY"
+# Admin login: this many failed attempts from one address, or for one username, within this many seconds of
+# the first, lock that address or username out until then (429); 0 attempts: no limit. Counted in the cache.
+TRIPOD_ADMIN_LOGIN_ATTEMPTS = int(os.environ.get("TRIPOD_ADMIN_LOGIN_ATTEMPTS", "5"))
+TRIPOD_ADMIN_LOGIN_WINDOW = int(os.environ.get("TRIPOD_ADMIN_LOGIN_WINDOW", "300"))
+if TRIPOD_ADMIN_LOGIN_WINDOW < 1:
+    raise ImproperlyConfigured(f"TRIPOD_ADMIN_LOGIN_WINDOW must be at least 1 second; got {TRIPOD_ADMIN_LOGIN_WINDOW}")
+
+# CORS (django-cors-headers), for browser apps on other origins calling the API with a bearer key: a list of
+# origins, or "*" for any. Never with credentials: the API takes keys, not cookies, so "*" exposes no session.
+# Preflights are answered before authentication; SSE and resumable streams get the same headers.
+_cors_origins = _env_list("TRIPOD_CORS_ORIGINS")
+CORS_ALLOW_ALL_ORIGINS = _cors_origins == ["*"]
+CORS_ALLOWED_ORIGINS = [] if CORS_ALLOW_ALL_ORIGINS else _cors_origins
+CORS_URLS_REGEX = r"^/(v1|api)/"
+CORS_ALLOW_HEADERS = [*cors_default_headers, "last-event-id", "x-request-id"]
+CORS_EXPOSE_HEADERS = ["retry-after", "x-request-id"]
+CORS_ALLOW_CREDENTIALS = False
 
 INSTALLED_APPS = [
     "daphne",  # first, so that `manage.py runserver` is daphne's ASGI runserver
-    "django.contrib.admin",
+    "tripod.admin_site.TripodAdminConfig",  # django.contrib.admin with a login that counts failures
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -35,12 +77,15 @@ INSTALLED_APPS = [
     "channels",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served by /docs/ui/ (tripod/apidocs.py): no CDN
+    "corsheaders",
     "tripod",
     "tripod.training",
 ]
 
 MIDDLEWARE = [
     "tripod.logs.RequestIDMiddleware",
+    "corsheaders.middleware.CorsMiddleware",  # before anything that may answer: preflights need no key
     # Django's own, run on the event loop instead of a thread per hook (see tripod/middleware.py).
     "tripod.middleware.SecurityMiddleware",
     "tripod.middleware.SessionMiddleware",
@@ -48,6 +93,7 @@ MIDDLEWARE = [
     "tripod.middleware.CsrfViewMiddleware",
     "tripod.middleware.AuthenticationMiddleware",
     "tripod.middleware.MessageMiddleware",
+    "tripod.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "tripod.urls"
@@ -109,6 +155,17 @@ else:
             "BACKEND": "tripod.layers.LocalChannelLayer",  # channels' in-memory layer, lighter per message
             # The inline worker joins the workers group once: keep it there for as long as the process lives.
             "CONFIG": {"capacity": 1000, "expiry": int(QUEUE_TIMEOUT) + 60, "group_expiry": 10 * 365 * 86400},
+        }
+    }
+
+if REDIS_URL:
+    # Django's cache holds the admin login counters (tripod/admin_site.py): in Redis, every web process counts
+    # the same failures. Without it, the default in-process cache serves the one process.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "tripod.cache",
         }
     }
 
@@ -183,6 +240,9 @@ SPECTACULAR_SETTINGS = {
     ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from this server (tripod/apidocs.py), so /docs works offline and loads nothing from a CDN.
+    "SWAGGER_UI_DIST": "/docs/ui",
+    "SWAGGER_UI_FAVICON_HREF": "/docs/ui/favicon-32x32.png",
     "COMPONENT_SPLIT_REQUEST": True,
 }
 

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
-from tripod import pages
+from tripod import apidocs, pages
 from tripod.api import views
 
 # The API description is public: it holds no secrets and client authors need it before they have a key.
@@ -33,6 +33,7 @@ urlpatterns = [
         SpectacularSwaggerView.as_view(url_name="openapi", **PUBLIC),
         name="docs",
     ),
+    path("docs/ui/<str:name>", apidocs.swagger_ui_file, name="docs-ui"),
     path("admin/", admin.site.urls),
     # The chat page and its assets: plain Django views, outside the API and its OpenAPI document.
     path("", pages.chat_page, name="chat-page"),
