@@ -174,7 +174,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["tripod.auth.HasPrincipal"],
     "DEFAULT_RENDERER_CLASSES": ["tripod.api.renderers.OpenAIJSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["tripod.api.parsers.OpenAIJSONParser"],
-    "EXCEPTION_HANDLER": "tripod.errors.drf_exception_handler",
+    "EXCEPTION_HANDLER": "tripod.api.errors.drf_exception_handler",
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }

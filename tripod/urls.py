@@ -40,6 +40,6 @@ urlpatterns = [
     path("ui/<str:name>", pages.ui_asset, name="ui-asset"),
 ]
 
-handler400 = "tripod.errors.bad_request"
-handler404 = "tripod.errors.not_found"
-handler500 = "tripod.errors.server_error"
+handler400 = "tripod.api.errors.bad_request"
+handler404 = "tripod.api.errors.not_found"
+handler500 = "tripod.api.errors.server_error"
