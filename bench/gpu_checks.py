@@ -105,7 +105,7 @@ def median_ms(run, repeats: int) -> float:
 
 def chain_cost(rows: int = 64, vocab: int = 128256, repeats: int = 50) -> dict:
     """Milliseconds per replay of each chain, captured alone in a CUDA graph, on ``rows`` rows of logits."""
-    from tripod.engines.hf_cb import RequestSampling
+    from tripod.engines.hf_cb_sampling import RequestSampling
 
     sampling = RequestSampling(vocab, captured=True)
     scores = torch.randn(rows, vocab, device="cuda")

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tripod.engines import ChatModel, hf_cb
-from tripod.engines.hf_cb import (
+from tripod.engines import ChatModel, hf_cb_sampling
+from tripod.engines.hf_cb_sampling import (
     RequestSampling,
     SamplingKeyedGraphs,
     key_graphs_by_sampling,
@@ -310,7 +310,7 @@ def test_a_seeded_request_keys_its_noise_by_each_token_index(cb_model, monkeypat
             steps.append(step)
         return noise_key(seed, step)
 
-    monkeypatch.setattr(hf_cb, "noise_key", recording_key)
+    monkeypatch.setattr(hf_cb_sampling, "noise_key", recording_key)
     result = cb_model.generate(MESSAGES, max_tokens=9, temperature=1.0, seed=4242, ignore_eos=True)
     assert result["usage"]["completion_tokens"] == 9
     assert steps == list(range(9))
@@ -481,3 +481,44 @@ def test_packed_grouped_attention_is_on_by_default_and_left_out_on_cpu(cb_model)
     assert config().cb_split_keys == cb_model.cb_split_keys == 0  # split keys: opt-in
     assert cb_model.device == "cpu"
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # the engine left transformers' own in place
+
+
+def test_a_missing_transformers_internal_fails_the_load_naming_the_versions(chat_model, monkeypatch):
+    """A transformers release that moved an internal hf-cb uses fails at load, by name, not inside a request."""
+    import transformers
+    from transformers.generation.continuous_batching import cb_logits_processors
+
+    monkeypatch.delattr(cb_logits_processors, "ContinuousBatchingTopPLogitsWarper")  # fault injection: the drift
+    model = ChatModel(engine="hf-cb", model_name="tiny", path=chat_model.tokenizer.name_or_path)
+    with pytest.raises(EngineFailure) as caught:
+        model.load()
+    message = caught.value.message
+    assert "written against transformers >=5.24,<5.25" in message
+    assert f"installed transformers {transformers.__version__}" in message
+    assert "cb_logits_processors.ContinuousBatchingTopPLogitsWarper" in message
+    assert model.manager is None  # it failed before starting a batching loop
+
+
+def test_a_manager_without_the_attributes_hf_cb_reads_is_refused(cb_model):
+    from tripod.engines.hf_cb_internals import check_manager
+
+    check_manager(cb_model.manager)  # the real one has them all
+    router = SimpleNamespace(result_handlers={})  # no _lock
+    fake = SimpleNamespace(output_router=router, background_thread_status=None, logit_processor=None)
+    with pytest.raises(EngineFailure, match=r"lacks ContinuousBatchingManager\.output_router\._lock"):
+        check_manager(fake)
+
+
+def test_the_pinned_transformers_is_in_the_range_hf_cb_was_written_against():
+    """Moving the pin in requirements.txt needs a look at hf_cb_internals (and a new range there)."""
+    import re
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    from tripod.engines.hf_cb_internals import SUPPORTED_TRANSFORMERS
+
+    requirements = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text()
+    pinned = Version(re.search(r"^transformers==(\S+)", requirements, re.M).group(1))
+    low, below = (Version(v) for v in SUPPORTED_TRANSFORMERS)
+    assert low <= pinned < below
