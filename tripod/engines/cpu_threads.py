@@ -1,13 +1,11 @@
 """How many threads torch gets on CPU for ``hf-cb``: every usable core while the rest of the machine is idle, one
-fewer while anything else keeps a core busy. ``OMP_NUM_THREADS`` in the environment fixes the number instead.
+fewer while anything else keeps a core busy (``OMP_NUM_THREADS`` in the environment fixes the number instead).
 
-Only the batching thread runs the model, and between operators its OpenMP workers spin-wait for each other. On a
-quiet machine every core in the pool is worth it (2 threads on this project's 2-core machine: 1,182 tok/s at 16
-streams against 975 with one, TTFT 98 against 130 ms; docs/BENCHMARKS.md). But one worker descheduled by another
-process stalls the whole pool at every operator: beside one busy process, two threads fell to 183–364 tok/s where
-one thread kept 1,821. So the pool starts one core short, and ``CoreGovernor`` watches what the machine's other
-processes take of this process's cores (``/proc/stat`` less this process's own CPU time): it shrinks the pool as
-soon as they take a third of a core, and grows it back after three quiet seconds.
+Only the batching thread runs the model, and between operators its OpenMP workers spin-wait for each other: on a
+quiet machine every core is worth it, but one worker descheduled by another process stalls the whole pool at every
+operator. So the pool starts one core short, and ``CoreGovernor`` shrinks it as soon as other processes take a third
+of this process's cores (``/proc/stat`` less its own CPU time) and grows it back after three quiet seconds
+(docs/BENCHMARKS.md has the measurements).
 """
 
 from __future__ import annotations

@@ -1,25 +1,11 @@
 """Masked grouped-query attention without a copy of the keys and values per query head (``TRIPOD_CB_PACKED_GQA``).
 
-Without flash attention, transformers' continuous batching runs SDPA over the whole batch as one sequence, with a
-block-diagonal mask. With a mask on CUDA, transformers copies each key/value head once per query head that shares it
-(``repeat_kv``: four times for the 1B model's 32 query heads on 8), since SDPA's grouped-query mode would fall back to
-its slowest kernel there. At 64 streams the batch reads about 13,000 cached tokens a step: two copies of 53 MB per
-layer. The fourth H100 run's profile has an unnamed elementwise kernel, two calls a layer, at 24 % of a step
-(docs/BENCHMARKS.md).
-
-Stacking each key/value head's query heads along the query axis gives the same attention without the copies: query
-``[batch, heads, q, dim]`` becomes ``[batch, kv_heads, groups * q, dim]`` and the mask, shared by all heads, is
-repeated ``groups`` times along its query axis (64 x 13,000 x 4 entries). This is transformers' own ``pack_gqa``,
-which it applies to one query token, extended to many. On an H100 (fifth run, docs/BENCHMARKS.md) it took
-``--direct`` at 64 streams from 3,148 to 3,557 tok/s and one stream through the server from 200 to 214, so it is on
-by default on CUDA; ``TRIPOD_CB_PACKED_GQA=0`` turns it off.
-
-Split keys (``TRIPOD_CB_SPLIT_KEYS=N``, opt-in): a flash-attention kernel parallelises over heads and query tiles
-only, so at 64 streams (8 key/value heads, 256 packed query rows) it gives a few dozen blocks of work to an H100's
-132 multiprocessors, each reading all 13,000 keys; the profile has that kernel at half of a step. Cutting the keys
-into chunks of N and running the chunks as a batch (views, no copies) multiplies the blocks; each chunk also
-returns the log-sum-exp of its rows' scores, which weighs the chunks' outputs into the whole softmax (the
-combination of flash-decoding). A row whose chunk is all masked gets the mask's minimum there, so its weight is 0.
+A continuous batch is one sequence with a block-diagonal mask, and with a mask on CUDA transformers' SDPA path copies
+each key/value head once per query head that shares it (``repeat_kv``), since SDPA's own grouped mode would fall back
+to its slowest kernel there. Stacking each key/value head's query heads along the query axis gives the same attention
+without the copies (transformers' own ``pack_gqa`` for one query token, extended to many), so it is on by default on
+CUDA. Opt-in split keys (``TRIPOD_CB_SPLIT_KEYS=N``) cut the keys into chunks run as one batch; docs/BENCHMARKS.md has
+the measurements.
 """
 
 from __future__ import annotations
@@ -71,6 +57,10 @@ def split_keys_sdpa(
     the heads. The whole chunks become the kernel's head axis and the heads its batch axis; the query and mask are
     broadcast over them, not copied. The keys left over (transformers pads the keys to a multiple of 1,024 plus the
     padded query length) take one more call.
+
+    Why: a flash-attention kernel parallelises over heads and query tiles only, so a batch with few key/value heads
+    gives a GPU few blocks of work, each reading every key; chunks multiply the blocks. Each chunk's log-sum-exp weighs
+    its output into the whole softmax (flash-decoding's combination); a row whose chunk is all masked weighs 0 there.
     """
     _, heads, q_length, dim = query.shape
     chunks, left = divmod(key.shape[2], chunk)
