@@ -89,7 +89,7 @@ run_scaled() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget: Redis, a python -
 }
 
 start=$(date +%s)
-timeout 120 "$PYTHON" bench/gpu_checks.py "$OUT/checks.json" $GPU_CHECKS >"$OUT/checks.log" 2>&1 \
+timeout 120 "$PYTHON" -m bench.gpu_checks "$OUT/checks.json" $GPU_CHECKS >"$OUT/checks.log" 2>&1 \
     && echo "checks: $OUT/checks.json" || echo "checks: failed or timed out (checks.log)"
 SAMPLED=$SAMPLED_CONCURRENCY run_server hf-cb TRIPOD_ENGINE=hf-cb "$CONCURRENCY" 60
 for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf-cb --slots 64; done

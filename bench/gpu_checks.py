@@ -13,7 +13,7 @@
    lengths are what transformers pads to: a multiple of 1,024 plus the 64 padded query tokens. Each way's
    largest difference from the first is reported with its time.
 
-Usage: python bench/gpu_checks.py OUT.json [CHECK ...]   (about a minute for all; prints the JSON too; CHECK names
+Usage: python -m bench.gpu_checks OUT.json [CHECK ...]   (about a minute for all; prints the JSON too; CHECK names
 one of sampling_under_graphs, chain_cost, attention_cost)
 """
 
@@ -23,11 +23,8 @@ import json
 import os
 import sys
 import threading
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tripod
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
 os.environ.setdefault("TRIPOD_MODEL", "tiny")
