@@ -24,6 +24,17 @@ PROCESS_STARTERS = frozenset(
     {"subprocess", "LiveServer", "WorkerProcess", "RedisServer", "PostgresServer", "chromium_browser", "manage"}
 )
 
+# In-process tests that run long (8 s or more each on the 2-core machine, `pytest --durations`): slow too.
+LONG_RUNS = frozenset(
+    {
+        "tests/test_train.py::test_merged_lora_is_a_plain_model_directory",
+        "tests/test_sse.py::test_a_worker_that_goes_silent_ends_the_stream_with_worker_timeout",
+        "tests/test_coalescing.py::test_a_rest_request_costs_two_deltas_and_loses_no_text",
+        "tests/test_coalescing.py::test_the_auto_interval_follows_the_workers_load",
+        "tests/test_coalescing.py::test_a_reply_that_is_not_streamed_gets_the_first_delta_then_the_rest_at_the_end",
+    }
+)
+
 
 def _names(code: types.CodeType) -> set[str]:
     """The global and attribute names ``code`` and the functions nested in it refer to."""
@@ -59,9 +70,12 @@ def _starts_processes(obj: object, seen: set[int]) -> bool:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark ``slow`` every test that starts a process, itself or through a fixture."""
+    """Mark ``slow`` every test that starts a process, itself or through a fixture, and the long runs."""
     for item in items:
         if item.get_closest_marker("slow") is not None:
+            continue
+        if item.nodeid.split("[")[0] in LONG_RUNS:
+            item.add_marker(pytest.mark.slow)
             continue
         seen: set[int] = set()
         fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
