@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if flag is not None:
             os.environ[variable] = str(flag)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
     import django
 

@@ -31,7 +31,7 @@ from tripod.engines.base import ChatModel, TokenStream
 from tripod.errors import APIError, EngineFailure, ServiceUnavailable, channel_layer_unavailable
 from tripod.logs import REQUEST_ID
 from tripod.protocol import SamplingParams
-from tripod.registry import RegistryUnavailable, WorkerRegistry
+from tripod.registry import REGISTRY_ERRORS, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Worker:
                     break
                 try:
                     job = receive.result()
-                except RegistryUnavailable as exc:
+                except REGISTRY_ERRORS as exc:
                     self._free.release()
                     logger.warning("channel layer unavailable (%s); retrying", exc)
                     await asyncio.sleep(RETRY_SECONDS)
@@ -220,7 +220,7 @@ class Worker:
                 # Refresh group membership too: a restarted Redis has forgotten it.
                 await self._join_group()
                 await self._renew_claims()
-            except RegistryUnavailable as exc:
+            except REGISTRY_ERRORS as exc:
                 logger.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self.heartbeat_interval)
 
@@ -254,7 +254,7 @@ class Worker:
                 continue
             try:
                 gone = webs - await self.registry.live_webs(webs)
-            except RegistryUnavailable as exc:
+            except REGISTRY_ERRORS as exc:
                 logger.warning("could not check the web processes of running jobs: %s", exc)
                 continue
             dead, missing = gone & missing, gone
@@ -269,7 +269,7 @@ class Worker:
         while True:
             try:
                 message = await self.layer.receive(self.control_channel)
-            except RegistryUnavailable:
+            except REGISTRY_ERRORS:
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
             if message.get("type") == events.CANCEL:
@@ -301,7 +301,7 @@ class Worker:
             return True
         except ChannelFull:
             return False
-        except RegistryUnavailable as exc:
+        except REGISTRY_ERRORS as exc:
             logger.warning("could not send to %s: %s", reply_channel, exc)
             return False
 
@@ -341,19 +341,19 @@ class Worker:
         self._claimed.discard(job_id)
         try:
             await self.registry.release(job_id, self.id, float(deadline) if deadline else None)
-        except RegistryUnavailable as exc:  # the claim expires by itself
+        except REGISTRY_ERRORS as exc:  # the claim expires by itself
             logger.warning("job %s: could not end its claim: %s", job_id, exc)
 
     async def _still_holds(self, job_id: str) -> bool:
         try:
             return await self.registry.holds(job_id, self.id)
-        except RegistryUnavailable:
+        except REGISTRY_ERRORS:
             return True  # the heartbeat's renewal checks again
 
     async def _claim(self, job_id: str) -> bool:
         try:
             return await self.registry.claim(job_id, self.id)
-        except RegistryUnavailable as exc:  # a 503 the client may retry, not an engine failure
+        except REGISTRY_ERRORS as exc:  # a 503 the client may retry, not an engine failure
             logger.warning("job %s: could not claim it: %s", job_id, exc)
             raise channel_layer_unavailable(exc) from None
 

@@ -89,7 +89,7 @@ run_scaled() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget: Redis, a python -
 }
 
 start=$(date +%s)
-timeout 120 "$PYTHON" bench/gpu_checks.py "$OUT/checks.json" $GPU_CHECKS >"$OUT/checks.log" 2>&1 \
+timeout 120 "$PYTHON" -m bench.gpu_checks "$OUT/checks.json" $GPU_CHECKS >"$OUT/checks.log" 2>&1 \
     && echo "checks: $OUT/checks.json" || echo "checks: failed or timed out (checks.log)"
 SAMPLED=$SAMPLED_CONCURRENCY run_server hf-cb TRIPOD_ENGINE=hf-cb "$CONCURRENCY" 60
 for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf-cb --slots 64; done
@@ -117,7 +117,7 @@ for c in $PROFILE_CONCURRENCY; do
         && echo "profile c=$c: $OUT/profile-direct-c$c.txt" || echo "profile c=$c: failed or timed out"
 done
 # Last, since it changes least and a device call that runs out of time cuts the end: hf cannot finish 64 streams in
-# any useful time on a GPU (66 ms per token for one; 16 did not finish in 90 s on an H100), so each request gets
-# 40 s, and the run still writes its JSON (completed and failed counts) instead of being killed; one warm-up.
+# any useful time on a GPU (docs/BENCHMARKS.md, "Third H100 run"), so each request gets 40 s, and the run still
+# writes its JSON (completed and failed counts) instead of being killed; one warm-up.
 [ -n "$HF_CONCURRENCY" ] && run_server hf TRIPOD_ENGINE=hf "$HF_CONCURRENCY" 75 --timeout 40 --warmup 1
 echo "done in $(( $(date +%s) - start )) s; results in $OUT"

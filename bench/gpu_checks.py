@@ -1,20 +1,15 @@
 """Checks for a lent GPU that the CPU suite cannot make: hf-cb's sampling under captured CUDA graphs, and its cost.
 
-1. The built-in tiny model on ``hf-cb`` with CUDA graphs: a seeded request gives the same text alone and inside a
-   batch of greedy, seeded, top-k and top-p requests (graphs captured for different sampling chains); top-k 1 and a
-   tiny nucleus give the greedy text; the graph keys show the chains captured.
-2. The cost of each sampling chain on a 64-row, 128,256-token batch of logits (the 1B model's padded decode step),
-   captured in a CUDA graph and replayed: what a greedy step no longer pays.
-3. One layer's attention as transformers' continuous batching runs it without flash attention (SDPA with the
-   batch's additive block-diagonal mask, 32 query heads on 8 key/value heads), at the cached lengths of one stream
-   and of 64, against ways to run grouped heads without copying the keys and values four times (``repeat_kv``,
-   the 66 us elementwise kernel that was 24 % of a 64-stream step in the fourth H100 run's profile), and the
-   packed way with its keys split into chunks of 512, 1,024 and 1,664 (``TRIPOD_CB_SPLIT_KEYS``). The key
-   lengths are what transformers pads to: a multiple of 1,024 plus the 64 padded query tokens. Each way's
-   largest difference from the first is reported with its time.
+``sampling_under_graphs`` checks that on ``hf-cb`` with CUDA graphs a seeded request of the tiny model gives the
+same text alone and inside a batch of greedy, seeded, top-k and top-p requests, and that top-k 1 and a tiny nucleus
+give the greedy text. ``chain_cost`` times each sampling chain, captured in a CUDA graph, on the 1B model's padded
+decode logits (64 rows of 128,256), and ``attention_cost`` times one layer's masked attention (32 query heads on 8
+key/value heads, at the cached lengths of 1 and 64 streams) with ``repeat_kv``'s copies against the packed ways
+without them, split keys (``TRIPOD_CB_SPLIT_KEYS``) included, each with its largest difference from the first. What
+they found is in docs/BENCHMARKS.md (GPU).
 
-Usage: python bench/gpu_checks.py OUT.json [CHECK ...]   (about a minute for all; prints the JSON too; CHECK names
-one of sampling_under_graphs, chain_cost, attention_cost)
+Usage, from the repository root: python -m bench.gpu_checks OUT.json [CHECK ...]   (about a minute for all; prints
+the JSON too; CHECK names one of sampling_under_graphs, chain_cost, attention_cost)
 """
 
 from __future__ import annotations
@@ -23,11 +18,8 @@ import json
 import os
 import sys
 import threading
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tripod
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
 os.environ.setdefault("TRIPOD_MODEL", "tiny")

@@ -32,7 +32,7 @@ from tripod.logs import REQUEST_ID
 from tripod.metrics import RequestMetrics
 from tripod.protocol import GenerationRequest, SamplingParams
 from tripod.ratelimit import Lease, admit
-from tripod.registry import ABANDONED_SECONDS, CLAIM_MARGIN_SECONDS, RegistryUnavailable, get_registry
+from tripod.registry import ABANDONED_SECONDS, CLAIM_MARGIN_SECONDS, REGISTRY_ERRORS, get_registry
 from tripod.request_threads import outlive_request
 from tripod.usage import record as record_usage
 
@@ -60,7 +60,7 @@ async def served_models() -> list[str]:
         return [config().served_model_name]
     try:
         return sorted(await registry.live_models())
-    except RegistryUnavailable as exc:
+    except REGISTRY_ERRORS as exc:
         raise _layer_down(exc) from None
 
 
@@ -91,7 +91,7 @@ async def resolve_model(requested: str | None) -> str:
                     code="no_worker_available",
                 )
             await asyncio.sleep(0.25)
-    except RegistryUnavailable as exc:
+    except REGISTRY_ERRORS as exc:
         raise _layer_down(exc) from None
 
 
@@ -183,7 +183,7 @@ class GenerationJob:
         params = self.request.params
         try:
             self.lease = await admit(self.principal, self.request, cfg.max_tokens_cap)
-        except RegistryUnavailable as exc:
+        except REGISTRY_ERRORS as exc:
             raise _layer_down(exc) from None
         if cfg.inline_worker:
             from asgi_worker.inline import ensure_inline_worker
@@ -191,7 +191,7 @@ class GenerationJob:
             ensure_inline_worker()
         try:
             await self._submit(cfg, params)
-        except RegistryUnavailable as exc:
+        except REGISTRY_ERRORS as exc:
             self.finished = True
             raise _layer_down(exc) from None
 
@@ -246,7 +246,7 @@ class GenerationJob:
             return
         try:
             await self.lease.resize(self.prompt_tokens + int(max_tokens))
-        except RegistryUnavailable:
+        except REGISTRY_ERRORS:
             pass  # keep the bound taken at admission
 
     def _coalescing(self, cfg) -> dict[str, Any]:
@@ -313,7 +313,7 @@ class GenerationJob:
                 return now - self._unclaimed_since >= cfg.worker_ttl
             self._unclaimed_since = None
             return not holder.startswith("!") and not await registry.alive(holder)
-        except RegistryUnavailable:
+        except REGISTRY_ERRORS:
             return False  # Redis itself is down: the queue timeout still bounds the wait
 
     async def _send_again(self) -> None:
@@ -336,7 +336,7 @@ class GenerationJob:
         keep = max(self._deadline - time.time(), 0.0) + CLAIM_MARGIN_SECONDS if keep is None else keep
         try:
             await registry.abandon(self.id, keep)
-        except RegistryUnavailable as exc:
+        except REGISTRY_ERRORS as exc:
             logger.warning("job %s: could not mark it abandoned: %s", self.id, exc)
 
     async def deltas(self, tick: float | None = None) -> AsyncIterator[Delta | None]:
@@ -412,7 +412,7 @@ class GenerationJob:
     async def _worker_alive(self, registry) -> bool:
         try:
             return await registry.alive(self.worker)
-        except RegistryUnavailable:
+        except REGISTRY_ERRORS:
             return True  # Redis itself is down: the event timeout still bounds the wait
 
     async def result(self) -> str:
@@ -432,7 +432,7 @@ class GenerationJob:
             else:
                 # Not admitted yet (or admission unseen): every worker hears it and skips the job.
                 await self.layer.group_send(WORKERS_GROUP, message)
-        except (ChannelFull, *RegistryUnavailable):
+        except (ChannelFull, *REGISTRY_ERRORS):
             pass  # the worker notices its reader is gone when its own sends fail
 
     async def close(self) -> None:
@@ -526,7 +526,7 @@ class GenerationJob:
             spent = usage.get("total_tokens", self.prompt_tokens + self.tokens_seen)
             try:
                 await lease.release(int(spent))
-            except RegistryUnavailable:
+            except REGISTRY_ERRORS:
                 pass  # the window heals by itself; the slot lease expires
         first = not self._settled
         self._settled = True
@@ -555,6 +555,6 @@ class GenerationJob:
         future, self._pending = self._pending, None
         try:
             return future.result()
-        except RegistryUnavailable as exc:
+        except REGISTRY_ERRORS as exc:
             self.finished = True
             raise _layer_down(exc) from None

@@ -22,7 +22,7 @@ from consumers.sse import DONE, KEEPALIVE, frame
 from tripod import events, streams
 from tripod.conf import config
 from tripod.errors import APIError, EngineFailure
-from tripod.registry import RegistryUnavailable
+from tripod.registry import REGISTRY_ERRORS
 from tripod.request_threads import outlive_request
 from tripod.responses import ChunkBuilder, compact_json
 
@@ -41,7 +41,7 @@ async def begin(job: GenerationJob) -> dict[str, Any]:
     info = streams.StreamInfo(stream_id, job.id, job.control_channel or "", job.model, None)
     try:
         await store.create(info)
-    except RegistryUnavailable as exc:
+    except REGISTRY_ERRORS as exc:
         await job.close()
         raise APIError(
             f"The stream store (Redis) is unavailable: {exc}", code="stream_store_unavailable", status=503
@@ -88,7 +88,7 @@ async def _produce(job: GenerationJob, stream_id: str, store: streams.StreamStor
             except APIError as error:
                 await put(compact_json(error.to_dict()))
             await put(streams.DONE)
-        except RegistryUnavailable as exc:
+        except REGISTRY_ERRORS as exc:
             # The store is gone: nobody can read what follows, so stop generating (closing the job does).
             logger.warning("stream %s: the store failed, cancelling its generation: %r", stream_id, exc)
         except Exception:
@@ -101,7 +101,7 @@ async def cancel(info: streams.StreamInfo) -> None:
         return
     try:
         await get_channel_layer().send(info.control_channel, {"type": events.CANCEL, "id": info.job_id})
-    except (ChannelFull, *RegistryUnavailable):
+    except (ChannelFull, *REGISTRY_ERRORS):
         pass  # the worker is gone or drowning; its generation ends by itself
 
 
@@ -122,7 +122,7 @@ async def replay(stream_id: str, after: int) -> AsyncIterator[bytes]:
                 present_at = time.monotonic()
                 await store.reader_present(stream_id)
             frames = await store.read(stream_id, after, min(cfg.sse_keepalive, READER_CHECK_SECONDS))
-        except RegistryUnavailable as exc:
+        except REGISTRY_ERRORS as exc:
             error = APIError(f"The stream store (Redis) is unavailable: {exc}", code="stream_store_unavailable")
             yield frame(error.to_dict())
             return

@@ -19,7 +19,7 @@ from tripod.conf import config
 from tripod.errors import APIError, EngineFailure, InvalidRequest
 from tripod.logs import REQUEST_ID, clean_request_id
 from tripod.protocol import parse_chat_request, parse_completion_request, reject_lone_surrogates
-from tripod.registry import RegistryUnavailable, get_registry
+from tripod.registry import REGISTRY_ERRORS, get_registry
 
 logger = logging.getLogger(__name__)
 MAX_ID_LENGTH = 128
@@ -41,7 +41,7 @@ async def fair_share(model: str) -> int:
     else:
         try:
             workers = await registry.workers()
-        except RegistryUnavailable:
+        except REGISTRY_ERRORS:
             workers = []  # the job itself reports the outage
         slots = sum(int(w.get("slots", 0)) for w in workers if w.get("model") == model and not w.get("draining"))
     return max(1, min(cfg.ws_max_inflight, slots // 2))

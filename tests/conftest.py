@@ -1,8 +1,15 @@
-"""Shared fixtures: the real tiny model in-process, and a real daphne on a free port."""
+"""Shared fixtures: the real tiny model in-process, and a real daphne on a free port.
+
+Tests that start processes (daphne, workers, redis-server, PostgreSQL, Chromium, any ``subprocess``) get the
+``slow`` marker here, found from their code and their fixtures' code, so that ``pytest -m "not slow"`` is the
+fast inner loop; a test that runs long in-process says ``@pytest.mark.slow`` itself.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
+import types
 from collections.abc import Iterator
 
 import httpx
@@ -11,6 +18,69 @@ import pytest
 from tests.processes import ROOT, LiveServer, RedisServer
 
 __all__ = ["ROOT"]
+
+# What starts a process: a test, fixture or test helper whose code names one of these is slow.
+PROCESS_STARTERS = frozenset(
+    {"subprocess", "LiveServer", "WorkerProcess", "RedisServer", "PostgresServer", "chromium_browser", "manage"}
+)
+
+# In-process tests that run long (8 s or more each on the 2-core machine, `pytest --durations`): slow too.
+LONG_RUNS = frozenset(
+    {
+        "tests/test_train.py::test_merged_lora_is_a_plain_model_directory",
+        "tests/test_sse.py::test_a_worker_that_goes_silent_ends_the_stream_with_worker_timeout",
+        "tests/test_coalescing.py::test_a_rest_request_costs_two_deltas_and_loses_no_text",
+        "tests/test_coalescing.py::test_the_auto_interval_follows_the_workers_load",
+        "tests/test_coalescing.py::test_a_reply_that_is_not_streamed_gets_the_first_delta_then_the_rest_at_the_end",
+    }
+)
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The global and attribute names ``code`` and the functions nested in it refer to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _starts_processes(obj: object, seen: set[int]) -> bool:
+    """Whether a function (or a class's methods) names a process starter, directly or through a helper
+    defined in ``tests``."""
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if inspect.isclass(obj):
+        return any(_starts_processes(member, seen) for member in vars(obj).values())
+    obj = inspect.unwrap(getattr(obj, "__func__", obj))
+    code = getattr(obj, "__code__", None)
+    if code is None:
+        return False
+    names = _names(code)
+    if names & PROCESS_STARTERS:
+        return True
+    helpers = (getattr(obj, "__globals__", {}).get(name) for name in names)
+    return any(
+        (inspect.isfunction(helper) or inspect.isclass(helper))
+        and (getattr(helper, "__module__", "") or "").startswith("tests")
+        and _starts_processes(helper, seen)
+        for helper in helpers
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark ``slow`` every test that starts a process, itself or through a fixture, and the long runs."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            continue
+        if item.nodeid.split("[")[0] in LONG_RUNS:
+            item.add_marker(pytest.mark.slow)
+            continue
+        seen: set[int] = set()
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if any(_starts_processes(f, seen) for f in [getattr(item, "function", None), *fixtures] if f is not None):
+            item.add_marker(pytest.mark.slow)
 
 
 ENGINES = ["hf", "hf-cb"]

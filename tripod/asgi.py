@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
+# The project root (where routing.py sits) is on sys.path already: daphne adds its working directory, as do
+# `python -m` and manage.py, so run it from the repository root.
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
-# routing.py sits at the project root, next to manage.py.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from routing import application as routed  # noqa: E402
 from tripod import http_limits  # noqa: E402

@@ -136,7 +136,3 @@ class RequestMetrics:
         if usage:
             PROMPT_TOKENS.labels(**self.labels).inc(int(usage.get("prompt_tokens", 0)))
             GENERATION_TOKENS.labels(**self.labels).inc(int(usage.get("completion_tokens", 0)))
-
-    def abandon(self) -> None:
-        """The request went away without an outcome (e.g. it was never submitted)."""
-        self._move(None)

@@ -6,7 +6,7 @@ Every rejection names the field at fault (``param``) the way OpenAI does, e.g. `
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from tripod.errors import InvalidRequest
@@ -69,7 +69,6 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _escaped(text: str) -> str:
@@ -417,12 +416,10 @@ def _require_object(body: Any) -> dict:
     return body
 
 
-def parse_chat_request(
-    body: Any, *, max_messages: int, extra_fields: frozenset[str] = frozenset()
-) -> GenerationRequest:
+def parse_chat_request(body: Any, *, max_messages: int) -> GenerationRequest:
     """Validate a ``POST /v1/chat/completions`` body (or a WebSocket ``chat`` frame)."""
     body = _require_object(body)
-    _reject_unsupported(body, _CHAT_FIELDS | extra_fields)
+    _reject_unsupported(body, _CHAT_FIELDS)
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise InvalidRequest(
             "Tool calling is not supported by this server.", param="tool_choice", code="unsupported_parameter"
@@ -444,10 +441,10 @@ def parse_chat_request(
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
-def parse_completion_request(body: Any, *, extra_fields: frozenset[str] = frozenset()) -> GenerationRequest:
+def parse_completion_request(body: Any) -> GenerationRequest:
     """Validate a ``POST /v1/completions`` body (or a WebSocket ``completion`` frame)."""
     body = _require_object(body)
-    _reject_unsupported(body, _COMPLETION_FIELDS | extra_fields)
+    _reject_unsupported(body, _COMPLETION_FIELDS)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]

@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync
 from django.db import connection
 
 from tripod.conf import config
-from tripod.registry import RegistryUnavailable, get_registry
+from tripod.registry import REGISTRY_ERRORS, get_registry
 
 _loading: threading.Thread | None = None
 _load_error: str | None = None
@@ -63,7 +63,7 @@ async def _workers() -> dict[str, Any]:
     registry = get_registry()
     try:
         await registry.redis.ping()
-    except RegistryUnavailable as exc:
+    except REGISTRY_ERRORS as exc:
         return {"ok": False, "error": f"Redis unreachable: {exc}"}
     workers = await registry.workers()
     models = sorted({w["model"] for w in workers})

@@ -91,8 +91,8 @@ end
 return 0
 """
 
-# What a failing Redis raises, for callers that turn it into a 503 or a retry.
-RegistryUnavailable = (RedisError, OSError, asyncio.TimeoutError)
+# The exceptions a failing Redis raises (a tuple for `except`), for callers that turn them into a 503 or a retry.
+REGISTRY_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 # Every request asks which models are live; one Redis scan serves all of them for this long.
 WORKERS_CACHE_SECONDS = 0.25
 
@@ -201,7 +201,7 @@ class WorkerRegistry:
             await asyncio.sleep(interval)
             try:
                 await self.web_beat(WEB_ID)
-            except RegistryUnavailable as exc:
+            except REGISTRY_ERRORS as exc:
                 logger.warning("web heartbeat failed: %s", exc)
 
     async def claim(self, job_id: str, worker_id: str) -> bool:

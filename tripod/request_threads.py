@@ -1,16 +1,12 @@
 """Each HTTP request's synchronous Django code runs on a thread reused from earlier requests.
 
-Under ASGI, Django gives every request a ``ThreadSensitiveContext``, and asgiref makes a new single-thread
-executor for each such context on its first synchronous call: every request started a thread (to run the
-``request_started`` receivers) and, when it ended, a second one to join the first. ``Thread.start`` blocks
-the event loop until the new thread holds the GIL, which under load the engine's batching thread has; at
-16 streams the ``request_started`` step took 5 to 8 ms of each request's time to first token.
-
-Here each request enters a context with an executor lent from a pool, so Django's own context inside it
-adds nothing, and the thread is reused, as a WSGI server reuses its threads. That also makes Django's
-persistent database connections (``CONN_MAX_AGE``) work: a thread keeps its connections, and the
-``request_started``/``request_finished`` receivers close them when they are too old, as under WSGI.
-Requests still never share a thread while both run.
+Under ASGI, asgiref makes a new single-thread executor for every request's ``ThreadSensitiveContext`` (and a
+second thread to join it), and ``Thread.start`` blocks the event loop until the new thread holds the GIL, which
+under load the engine's batching thread has (its cost in time to first token: docs/BENCHMARKS.md, "TTFT under
+load"). Here each request enters a context with an executor lent from a pool, so the thread is reused as a WSGI
+server reuses its threads, and requests still never share a thread while both run. That also makes Django's
+persistent database connections (``CONN_MAX_AGE``) work: the ``request_started``/``request_finished`` receivers
+close a thread's connections when they are too old, as under WSGI.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 
 if REDIS_URL:
     # Scaled: any number of web processes and `python -m asgi_worker` processes share one Redis.
-    from tripod.redis_connections import redis_channel_layer  # here: redis-py takes 0.1 s to import
+    from tripod.redis_connections import redis_channel_layer  # here: redis-py is slow to import
 
     CHANNEL_LAYERS = {"default": redis_channel_layer(REDIS_URL, QUEUE_TIMEOUT)}
 else:

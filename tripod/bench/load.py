@@ -1,8 +1,8 @@
 """Closed-loop load on a server: N concurrent clients send M requests in all, each waiting for its reply.
 
-All clients are coroutines on one event loop in one process, which stays light (10 to 15 % of one core at
-16 SSE clients on the tiny model) so that the server, not the client, is what gets measured. Requests are
-handed out in index order from a shared iterator.
+All clients are coroutines on one event loop in one process, which stays light (its CPU share is in
+docs/BENCHMARKS.md, "Reading results on a small machine") so that the server, not the client, is what gets
+measured. Requests are handed out in index order from a shared iterator.
 """
 
 from __future__ import annotations
