@@ -201,17 +201,19 @@ class Worker:
             pass
 
     def info(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "model": self.model_name,
-            "engine": self.engine,
-            "slots": self.slots,
-            "busy": len(self.running),
-            "control": self.control_channel,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "draining": self._stopping.is_set(),
-        }
+        """This worker's heartbeat record."""
+        beat = wire.WorkerBeat(
+            id=self.id,
+            model=self.model_name,
+            engine=self.engine,
+            slots=self.slots,
+            busy=len(self.running),
+            control=self.control_channel,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            draining=self._stopping.is_set(),
+        )
+        return beat.to_record()
 
     async def _heartbeat(self) -> None:
         while True:

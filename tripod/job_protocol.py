@@ -161,6 +161,28 @@ class Cancel:
     id: str
 
 
+@dataclass(frozen=True)
+class WorkerBeat:
+    """What a worker's heartbeat says of it (scaled: a JSON record in the registry, read by every web process).
+
+    Not a channel layer message, but the same contract: web processes route by ``model``, count ``slots`` of the
+    workers not ``draining``, and send cancels to ``control``.
+    """
+
+    id: str
+    model: str
+    engine: str
+    slots: int
+    busy: int
+    control: str | None
+    host: str
+    pid: int
+    draining: bool
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 Message = Job | Started | Delta | Done | Error | Cancel
 _TYPES: dict[str, type[Message]] = {kind.TYPE: kind for kind in (Job, Started, Delta, Done, Error, Cancel)}
 
