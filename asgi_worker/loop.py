@@ -320,7 +320,7 @@ class Worker:
         except wire.ProtocolError as exc:
             await self._refuse(exc)
             return
-        REQUEST_ID.set(job.request_id or job.id)  # this task's logs carry the request id
+        REQUEST_ID.set(str(job.request_id or job.id))  # this task's logs carry the request id
         try:
             if self._cancelled.pop(job.id, None) is not None:
                 return

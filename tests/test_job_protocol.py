@@ -16,8 +16,6 @@ import pytest
 from tripod import job_protocol as wire
 from tripod.protocol import SamplingParams
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
 PARAMS = SamplingParams(max_tokens=3, temperature=0.5, stop=("a", "b"), seed=4, top_k=5)
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 # The keys a job carried before the protocol had a version: a worker of version 1 reads such a job.

@@ -233,7 +233,7 @@ def _fields(kind: type[Message], data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _decode_job(data: Mapping[str, Any]) -> Job:
     version = data.get("version", UNVERSIONED)
-    if version not in SERVED_VERSIONS:
+    if not isinstance(version, int) or version not in SERVED_VERSIONS:
         served = ", ".join(str(v) for v in sorted(SERVED_VERSIONS))
         raise UnsupportedVersion(
             f"The job is job protocol version {version}; this worker serves version {served}. Upgrade the workers "
@@ -243,10 +243,7 @@ def _decode_job(data: Mapping[str, Any]) -> Job:
     values = {**_fields(Job, data), "version": version}
     if (values.get("messages") is None) == (values.get("prompt") is None):
         raise ProtocolError("A job must carry exactly one of 'messages' and 'prompt'.", **_where(data))
-    try:
-        values["params"] = _decode_params(values["params"])
-    except ProtocolError as exc:
-        raise ProtocolError(str(exc), **_where(data)) from None
+    values["params"] = _decode_params(values["params"], _where(data))
     return Job(**values)
 
 
@@ -256,14 +253,17 @@ def _encode_params(params: SamplingParams) -> dict[str, Any]:
     return data
 
 
-def _decode_params(data: Any) -> SamplingParams:
+def _decode_params(data: Any, where: dict[str, Any]) -> SamplingParams:
     """A sampling field this side does not know is an error, never dropped; one it lacks takes its default."""
     from tripod.protocol import SamplingParams  # its module imports Django; the settings import this one
 
     if not isinstance(data, Mapping):
-        raise ProtocolError("A job's 'params' must be a dict.")
+        raise ProtocolError("A job's 'params' must be a dict.", **where)
     known = {field.name for field in dataclasses.fields(SamplingParams)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ProtocolError(f"A job's 'params' holds fields this side does not know: {', '.join(unknown)}.")
-    return SamplingParams(**{**data, "stop": tuple(data.get("stop") or ())})
+        raise ProtocolError(f"A job's 'params' holds fields this side does not know: {', '.join(unknown)}.", **where)
+    stop = data.get("stop") or ()
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(text, str) for text in stop):
+        raise ProtocolError("A job's 'params.stop' must be a list of strings.", **where)
+    return SamplingParams(**{**data, "stop": tuple(stop)})
