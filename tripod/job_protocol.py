@@ -185,13 +185,18 @@ class WorkerBeat:
 
 Message = Job | Started | Delta | Done | Error | Cancel
 _TYPES: dict[str, type[Message]] = {kind.TYPE: kind for kind in (Job, Started, Delta, Done, Error, Cancel)}
+# Each message's keys and whether each is required, worked out once: a stream encodes and decodes every delta.
+_KEYS: dict[type[Message], tuple[tuple[str, bool], ...]] = {
+    kind: tuple((field.name, field.default is dataclasses.MISSING) for field in dataclasses.fields(kind))
+    for kind in _TYPES.values()
+}
 
 
 def encode(message: Message) -> dict[str, Any]:
     """``message`` as the dict the channel layer carries (msgpack-able: no tuples, no dataclasses)."""
     data: dict[str, Any] = {"type": message.TYPE}
-    for field in dataclasses.fields(message):
-        data[field.name] = getattr(message, field.name)
+    for name, _ in _KEYS[type(message)]:
+        data[name] = getattr(message, name)
     if isinstance(message, Job):
         data["params"] = _encode_params(message.params)
         data.pop("messages" if message.messages is None else "prompt")
@@ -223,11 +228,11 @@ def _where(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fields(kind: type[Message], data: Mapping[str, Any]) -> dict[str, Any]:
     values = {}
-    for field in dataclasses.fields(kind):
-        if field.name in data:
-            values[field.name] = data[field.name]
-        elif field.default is dataclasses.MISSING:
-            raise ProtocolError(f"A '{kind.TYPE}' message lacks its required key '{field.name}'.", **_where(data))
+    for name, required in _KEYS[kind]:
+        if name in data:
+            values[name] = data[name]
+        elif required:
+            raise ProtocolError(f"A '{kind.TYPE}' message lacks its required key '{name}'.", **_where(data))
     return values
 
 
