@@ -25,12 +25,12 @@ from typing import Any
 
 from channels.exceptions import ChannelFull
 
-from tripod import events, metrics
-from tripod.conf import STREAM_INTERVAL_AUTO, WORKERS_GROUP
+from tripod import job_protocol as wire
+from tripod import metrics
+from tripod.conf import STREAM_INTERVAL_AUTO
 from tripod.engines.base import ChatModel, TokenStream
 from tripod.errors import APIError, EngineFailure, ServiceUnavailable, channel_layer_unavailable
 from tripod.logs import REQUEST_ID
-from tripod.protocol import SamplingParams
 from tripod.registry import REGISTRY_ERRORS, WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class Worker:
 
     async def run(self, drain_timeout: float = 0.0) -> None:
         """Serve until cancelled, or until ``stop()``: then finish running jobs (up to ``drain_timeout``)."""
-        self.control_channel = await self.layer.new_channel("tripod.worker.")
+        self.control_channel = await self.layer.new_channel(wire.CONTROL_CHANNEL_PREFIX)
         await self._join_group()
         background = [asyncio.create_task(self._listen_control())]
         if self.registry is not None:
@@ -190,28 +190,30 @@ class Worker:
                 await asyncio.wait(pending, timeout=10)
 
     async def _join_group(self) -> None:
-        await self.layer.group_add(WORKERS_GROUP, self.control_channel)
+        await self.layer.group_add(wire.WORKERS_GROUP, self.control_channel)
 
     async def _leave(self) -> None:
         try:
             if self.registry is not None:
                 await self.registry.remove(self.id)
-            await self.layer.group_discard(WORKERS_GROUP, self.control_channel)
+            await self.layer.group_discard(wire.WORKERS_GROUP, self.control_channel)
         except Exception:  # noqa: BLE001 - best effort while shutting down
             pass
 
     def info(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "model": self.model_name,
-            "engine": self.engine,
-            "slots": self.slots,
-            "busy": len(self.running),
-            "control": self.control_channel,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "draining": self._stopping.is_set(),
-        }
+        """This worker's heartbeat record."""
+        beat = wire.WorkerBeat(
+            id=self.id,
+            model=self.model_name,
+            engine=self.engine,
+            slots=self.slots,
+            busy=len(self.running),
+            control=self.control_channel,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            draining=self._stopping.is_set(),
+        )
+        return beat.to_record()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -272,8 +274,13 @@ class Worker:
             except REGISTRY_ERRORS:
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
-            if message.get("type") == events.CANCEL:
-                self.cancel(message.get("id", ""))
+            try:
+                cancel = wire.decode(message)
+            except wire.ProtocolError as exc:
+                logger.warning("ignoring a malformed control message: %s", exc)
+                continue
+            if isinstance(cancel, wire.Cancel):
+                self.cancel(cancel.id)
 
     def cancel(self, job_id: str) -> None:
         """Stop a running job, or remember to skip it if it is still waiting in the channel."""
@@ -294,10 +301,10 @@ class Worker:
                     self._model = await asyncio.get_running_loop().run_in_executor(self._executor, self.load_model)
         return self._model
 
-    async def _send(self, reply_channel: str, message: dict[str, Any]) -> bool:
+    async def _send(self, reply_channel: str, event: wire.Message) -> bool:
         """Send an event; False when the reply channel is full or unreachable (its reader is gone)."""
         try:
-            await self.layer.send(reply_channel, message)
+            await self.layer.send(reply_channel, wire.encode(event))
             return True
         except ChannelFull:
             return False
@@ -305,42 +312,53 @@ class Worker:
             logger.warning("could not send to %s: %s", reply_channel, exc)
             return False
 
-    async def _serve(self, job: dict[str, Any]) -> None:
-        job_id = str(job.get("id", ""))
-        reply = job.get("reply_channel")
-        REQUEST_ID.set(str(job.get("request_id") or job_id))  # this task's logs carry the request id
+    async def _serve(self, message: dict[str, Any]) -> None:
         try:
-            if not reply or job.get("type") != events.JOB:
-                logger.warning("dropping malformed job %r", job_id)
+            job = wire.decode(message)
+            if not isinstance(job, wire.Job):
+                raise wire.ProtocolError(f"A job channel carries jobs, not '{job.TYPE}' messages.")
+        except wire.ProtocolError as exc:
+            await self._refuse(exc)
+            return
+        REQUEST_ID.set(str(job.request_id or job.id))  # this task's logs carry the request id
+        try:
+            if self._cancelled.pop(job.id, None) is not None:
                 return
-            if self._cancelled.pop(job_id, None) is not None:
-                return
-            if job.get("deadline") and time.time() > float(job["deadline"]):
+            if time.time() > job.deadline:
                 # The client stopped waiting for a worker; nobody reads this reply channel any more.
                 return
             if self.registry is not None:
-                if not await self._claim(job_id):
-                    logger.info("job %s is served by another worker, ended, or given up", job_id)
+                if not await self._claim(job.id):
+                    logger.info("job %s is served by another worker, ended, or given up", job.id)
                     return
-                self._claimed.add(job_id)
-            await self._generate(job_id, reply, job)
+                self._claimed.add(job.id)
+            await self._generate(job)
         except APIError as exc:
-            await self._send(reply, {"type": events.ERROR, "id": job_id, **exc.to_event()})
+            await self._send(job.reply_channel, wire.Error.from_error(job.id, exc))
         except Exception as exc:  # noqa: BLE001 - a failed job must end its stream with an error
-            logger.exception("job %s failed", job_id)
+            logger.exception("job %s failed", job.id)
             error = EngineFailure(f"The engine failed: {exc}", code="engine_error")
-            await self._send(reply, {"type": events.ERROR, "id": job_id, **error.to_event()})
+            await self._send(job.reply_channel, wire.Error.from_error(job.id, error))
         finally:
-            self._aborted.discard(job_id)
-            if job_id in self._claimed:
-                await self._release(job_id, job.get("deadline"))
-            self._given_up.discard(job_id)
+            self._aborted.discard(job.id)
+            if job.id in self._claimed:
+                await self._release(job.id, job.deadline)
+            self._given_up.discard(job.id)
             self._free.release()
 
-    async def _release(self, job_id: str, deadline: Any) -> None:
+    async def _refuse(self, exc: wire.ProtocolError) -> None:
+        """Answer a job this worker cannot read (``protocol_mismatch``: another version) where it says to."""
+        try:
+            logger.warning("refusing job %r: %s", exc.job_id, exc)
+            if exc.reply_channel:
+                await self._send(exc.reply_channel, exc.to_event())
+        finally:
+            self._free.release()
+
+    async def _release(self, job_id: str, deadline: float) -> None:
         self._claimed.discard(job_id)
         try:
-            await self.registry.release(job_id, self.id, float(deadline) if deadline else None)
+            await self.registry.release(job_id, self.id, deadline)
         except REGISTRY_ERRORS as exc:  # the claim expires by itself
             logger.warning("job %s: could not end its claim: %s", job_id, exc)
 
@@ -357,28 +375,20 @@ class Worker:
             logger.warning("job %s: could not claim it: %s", job_id, exc)
             raise channel_layer_unavailable(exc) from None
 
-    async def _generate(self, job_id: str, reply: str, job: dict[str, Any]) -> None:
+    async def _generate(self, job: wire.Job) -> None:
         model = await self._model_instance()
         loop = asyncio.get_running_loop()
-        prompt = job.get("messages") if job.get("messages") is not None else job.get("prompt", "")
-        params = SamplingParams.from_message(job.get("params") or {})
-        limits = {"max_prompt_tokens": job.get("max_prompt_tokens"), "max_tokens_cap": job.get("max_tokens_cap")}
-        stream = await loop.run_in_executor(self._executor, partial(model.start, prompt, params, **limits))
+        job_id, reply = job.id, job.reply_channel
+        limits = {"max_prompt_tokens": job.max_prompt_tokens, "max_tokens_cap": job.max_tokens_cap}
+        stream = await loop.run_in_executor(self._executor, partial(model.start, job.input, job.params, **limits))
         self.running[job_id] = stream
-        if job.get("web"):
-            self._readers[job_id] = str(job["web"])
+        if job.web:
+            self._readers[job_id] = job.web
         if self._cancelled.pop(job_id, None) is not None:
             stream.cancel()  # the client left while the job was loading or tokenizing
         metrics.WORKER_RUNNING.labels(**self._metric_labels).inc()
         try:
-            started = {
-                "type": events.STARTED,
-                "id": job_id,
-                "worker": self.id,
-                "control": self.control_channel,
-                "prompt_tokens": stream.prompt_tokens,
-                "max_tokens": stream.max_tokens,
-            }
+            started = wire.Started(job_id, self.id, self.control_channel, stream.prompt_tokens, stream.max_tokens)
             if self.registry is not None and not await self._still_holds(job_id):
                 # Stopped between the claim and here, long enough for the job to go to another worker or be given
                 # up: its reply channel is someone else's now. The pump below sends nothing and frees the stream.
@@ -386,7 +396,7 @@ class Worker:
                 self._give_up(job_id)
             elif not await self._send(reply, started):
                 stream.cancel()
-            await self._pump(job_id, reply, stream, self._stream_interval(job), float(job.get("stream_hold", 0.0)))
+            await self._pump(job_id, reply, stream, self._stream_interval(job), float(job.stream_hold))
         finally:
             self.running.pop(job_id, None)
             self._readers.pop(job_id, None)
@@ -400,9 +410,9 @@ class Worker:
                 stream.completion_tokens,
             )
 
-    def _stream_interval(self, job: dict[str, Any]) -> int | Callable[[], int]:
+    def _stream_interval(self, job: wire.Job) -> int | Callable[[], int]:
         """Tokens per delta after the first, as the job asks; for ``auto``, asked again before each delta."""
-        interval = job.get("stream_interval", 1)
+        interval = job.stream_interval
         if interval == STREAM_INTERVAL_AUTO:
             return lambda: auto_stream_interval(len(self.running))
         return int(interval)
@@ -417,7 +427,7 @@ class Worker:
         seq = 0
         async with aclosing(stream.deltas_async(interval, hold)) as deltas:
             async for delta in deltas:
-                message = {"type": events.DELTA, "id": job_id, "text": delta.text, "tokens": delta.tokens, "seq": seq}
+                message = wire.Delta(job_id, delta.text, delta.tokens, seq)
                 seq += 1
                 if job_id in self._given_up or not await self._send(reply, message):
                     return  # the reader is gone: leaving the loop cancels the generation
@@ -425,5 +435,4 @@ class Worker:
             return  # not this worker's job any more: its client heard, or hears, from another
         if job_id in self._aborted:
             raise ServiceUnavailable("The worker shut down before this generation finished.", code="worker_shutdown")
-        done = {"type": events.DONE, "id": job_id, "finish_reason": stream.finish_reason, "usage": stream.usage()}
-        await self._send(reply, done)
+        await self._send(reply, wire.Done(job_id, stream.finish_reason, stream.usage()))

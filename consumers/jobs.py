@@ -16,9 +16,9 @@ from asgiref.sync import sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
-from tripod import events
+from tripod import job_protocol as wire
 from tripod.auth import OPEN, Principal
-from tripod.conf import WORKERS_GROUP, config, job_channel_for
+from tripod.conf import config
 from tripod.engines.base import Delta
 from tripod.errors import (
     APIError,
@@ -155,7 +155,7 @@ class GenerationJob:
         self._closed = False
         self._pending: asyncio.Future | None = None
         # Scaled: the job as sent, when it was last sent (wall time), since when it has looked lost, resends.
-        self._job: dict[str, Any] | None = None
+        self._job: wire.Job | None = None
         self._deadline: float | None = None
         self._sent_at = 0.0
         self._unclaimed_since: float | None = None
@@ -196,30 +196,27 @@ class GenerationJob:
             raise _layer_down(exc) from None
 
     async def _submit(self, cfg, params: SamplingParams) -> None:
-        self.reply_channel = await self.layer.new_channel("tripod.reply.")
-        job: dict[str, Any] = {
-            "type": events.JOB,
-            "id": self.id,
-            "request_id": self.request_id,
-            "reply_channel": self.reply_channel,
-            "model": self.model,
-            "params": params.to_message(),
-            "max_prompt_tokens": cfg.max_prompt_tokens or None,
-            "max_tokens_cap": cfg.max_tokens_cap or None,
-            "deadline": time.time() + cfg.queue_timeout,
-            **self._coalescing(cfg),
-        }
-        if self.request.kind == "chat":
-            job["messages"] = self.request.messages
-        else:
-            job["prompt"] = self.request.prompt
+        self.reply_channel = await self.layer.new_channel(wire.REPLY_CHANNEL_PREFIX)
+        chat = self.request.kind == "chat"
         registry = get_registry()
-        if registry is not None:
+        job = wire.Job(
+            id=self.id,
+            request_id=self.request_id,
+            reply_channel=self.reply_channel,
+            model=self.model,
+            params=params,
+            messages=self.request.messages if chat else None,
+            prompt=None if chat else self.request.prompt,
+            max_prompt_tokens=cfg.max_prompt_tokens or None,
+            max_tokens_cap=cfg.max_tokens_cap or None,
+            deadline=time.time() + cfg.queue_timeout,
             # Scaled: name this web process, so that its workers stop the job if the process dies.
-            job["web"] = await registry.ensure_web_heartbeat(cfg.heartbeat_interval)
+            web=await registry.ensure_web_heartbeat(cfg.heartbeat_interval) if registry is not None else None,
+            **self._coalescing(cfg),
+        )
         self.metrics = RequestMetrics(self.model, self.transport)
         self.metrics.waiting()
-        self._job, self._deadline = job, job["deadline"]
+        self._job, self._deadline = job, job.deadline
         await self._send_job()
         event = await self._wait_admission(cfg)
         if event is None:
@@ -227,17 +224,17 @@ class GenerationJob:
                 f"No worker for model '{self.model}' accepted the request within {cfg.queue_timeout:g} s.",
                 code="no_worker_available",
             )
-        if event["type"] == events.ERROR:
+        if isinstance(event, wire.Error):
             self.finished = True
-            raise APIError.from_event(event)
-        if event["type"] != events.STARTED:
-            raise EngineFailure(f"Unexpected event from the worker: {event['type']}", code="protocol_error")
-        self.worker = event.get("worker")
-        self.control_channel = event.get("control")
-        self.prompt_tokens = int(event.get("prompt_tokens", 0))
+            raise event.to_error()
+        if not isinstance(event, wire.Started):
+            raise EngineFailure(f"Unexpected event from the worker: {event.TYPE}", code="protocol_error")
+        self.worker = event.worker
+        self.control_channel = event.control
+        self.prompt_tokens = int(event.prompt_tokens)
         self.admitted_at = time.monotonic()
         self.metrics.admitted(self.admitted_at - self.created)
-        await self._reserve_exactly(event.get("max_tokens") or params.max_tokens)
+        await self._reserve_exactly(event.max_tokens or params.max_tokens)
 
     async def _reserve_exactly(self, max_tokens: int | None) -> None:
         """Now that the worker has counted the prompt, hold exactly what the job may use (prompt + its token
@@ -259,7 +256,7 @@ class GenerationJob:
 
     async def _send_job(self) -> None:
         try:
-            await self.layer.send(job_channel_for(self.model), self._job)
+            await self.layer.send(wire.job_channel(self.model), wire.encode(self._job))
         except ChannelFull:
             raise ServiceUnavailable(
                 f"Too many requests are waiting for model '{self.model}'; retry later.", code="queue_full"
@@ -301,7 +298,7 @@ class GenerationJob:
         """
         try:
             if not await registry.left_queue(
-                getattr(self.layer, "prefix", "asgi") + job_channel_for(self.model), self._sent_at
+                getattr(self.layer, "prefix", "asgi") + wire.job_channel(self.model), self._sent_at
             ):
                 self._unclaimed_since = None
                 return False  # still waiting its turn
@@ -381,19 +378,18 @@ class GenerationJob:
                     yield None
                 continue
             silent_since = time.monotonic()
-            kind = event["type"]
-            if kind == events.DELTA:
-                delta = Delta(event["text"], int(event.get("tokens", 0)))
+            if isinstance(event, wire.Delta):
+                delta = Delta(event.text, int(event.tokens))
                 self._observe(delta)
                 yield delta
-            elif kind == events.DONE:
+            elif isinstance(event, wire.Done):
                 self.finished = True
-                self.finish_reason = event.get("finish_reason")
+                self.finish_reason = event.finish_reason
                 self.cancelled = self.finish_reason is None
-                self.usage = event.get("usage")
-            elif kind == events.ERROR:
+                self.usage = event.usage
+            elif isinstance(event, wire.Error):
                 self.finished = True
-                raise APIError.from_event(event)
+                raise event.to_error()
 
     def _observe(self, delta: Delta) -> None:
         now = time.monotonic()
@@ -425,13 +421,13 @@ class GenerationJob:
         if (self.finished and not force) or self._cancel_sent:
             return
         self._cancel_sent = True
-        message = {"type": events.CANCEL, "id": self.id}
+        message = wire.encode(wire.Cancel(self.id))
         try:
             if self.control_channel:
                 await self.layer.send(self.control_channel, message)
             else:
                 # Not admitted yet (or admission unseen): every worker hears it and skips the job.
-                await self.layer.group_send(WORKERS_GROUP, message)
+                await self.layer.group_send(wire.WORKERS_GROUP, message)
         except (ChannelFull, *REGISTRY_ERRORS):
             pass  # the worker notices its reader is gone when its own sends fail
 
@@ -465,10 +461,10 @@ class GenerationJob:
         try:
             while (left := deadline - time.monotonic()) > 0:
                 event = await self._next_event(left)
-                if event is None or event["type"] == events.ERROR:
+                if event is None or isinstance(event, wire.Error):
                     break
-                if event["type"] == events.DONE:
-                    self.usage = event.get("usage")
+                if isinstance(event, wire.Done):
+                    self.usage = event.usage
                     break
         except APIError:
             pass
@@ -535,12 +531,23 @@ class GenerationJob:
                 self.principal.key_id, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
             )
 
-    async def _next_event(self, timeout: float) -> dict[str, Any] | None:
-        """The next event on the reply channel, or ``None`` after ``timeout``.
+    async def _next_event(self, timeout: float) -> wire.Message | None:
+        """The next event on the reply channel, decoded, or ``None`` after ``timeout``.
 
         A layer whose ``receive`` may be cancelled without losing a message (the embedded one) is awaited
         directly: one wake-up per event. Any other keeps its receive pending across timeouts.
         """
+        event = await self._receive(timeout)
+        if event is None:
+            return None
+        try:
+            return wire.decode(event)
+        except wire.ProtocolError as exc:
+            raise EngineFailure(
+                f"The worker sent a message this server cannot read: {exc}", code="protocol_error"
+            ) from None
+
+    async def _receive(self, timeout: float) -> dict[str, Any] | None:
         if self._receive_is_cancel_safe:
             try:
                 async with asyncio.timeout(max(timeout, 0)):

@@ -19,7 +19,8 @@ from channels.layers import get_channel_layer
 
 from consumers.jobs import GenerationJob
 from consumers.sse import DONE, KEEPALIVE, frame
-from tripod import events, streams
+from tripod import job_protocol as wire
+from tripod import streams
 from tripod.conf import config
 from tripod.errors import APIError, EngineFailure
 from tripod.registry import REGISTRY_ERRORS
@@ -100,7 +101,7 @@ async def cancel(info: streams.StreamInfo) -> None:
     if info.last_id is not None or not info.control_channel:
         return
     try:
-        await get_channel_layer().send(info.control_channel, {"type": events.CANCEL, "id": info.job_id})
+        await get_channel_layer().send(info.control_channel, wire.encode(wire.Cancel(info.job_id)))
     except (ChannelFull, *REGISTRY_ERRORS):
         pass  # the worker is gone or drowning; its generation ends by itself
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -30,7 +31,7 @@ MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 async def worker_events(chat_model, max_tokens: int = TOKENS, **job) -> list[dict]:
     """Every event one job gets from a real worker, in order; ``job`` adds fields to the job message."""
     from asgi_worker.loop import Worker
-    from tripod import events
+    from tripod import job_protocol as wire
     from tripod.layers import LocalChannelLayer
     from tripod.protocol import SamplingParams
 
@@ -39,11 +40,11 @@ async def worker_events(chat_model, max_tokens: int = TOKENS, **job) -> list[dic
     running = asyncio.create_task(worker.run())
     try:
         reply = await layer.new_channel("tripod.reply.")
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True).to_message()
-        message = {"type": events.JOB, "id": uuid.uuid4().hex, "reply_channel": reply, "messages": MESSAGES, **job}
-        await layer.send("tripod.generate.t", {**message, "params": params})
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        message = wire.Job(uuid.uuid4().hex, reply, "t", params, time.time() + 60, messages=MESSAGES, **job)
+        await layer.send("tripod.generate.t", wire.encode(message))
         received = []
-        while not received or received[-1]["type"] not in (events.DONE, events.ERROR):
+        while not received or received[-1]["type"] not in (wire.Done.TYPE, wire.Error.TYPE):
             received.append(await asyncio.wait_for(layer.receive(reply), 30))
         return received
     finally:

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from tripod import job_protocol as wire
 from tripod.engines import ChatModel, get_chat_model
 from tripod.errors import ContextLengthExceeded, EngineFailure
 from tripod.protocol import SamplingParams
@@ -201,4 +202,5 @@ def test_a_hung_generate_times_out_instead_of_hanging_the_reader(chat_model):
 
 def test_sampling_params_round_trip_through_a_job_message():
     params = SamplingParams(max_tokens=3, stop=("a", "b"), seed=4, top_k=5)
-    assert SamplingParams.from_message(params.to_message()) == params
+    job = wire.Job(id="j", reply_channel="r", model="tiny", params=params, deadline=0.0, prompt="hi")
+    assert wire.decode(wire.encode(job)).params == params

@@ -422,13 +422,15 @@ class _RedisDownRegistry:
 
 async def test_a_claim_that_redis_fails_answers_503_not_an_engine_error():
     from asgi_worker.loop import Worker
-    from tripod import events
+    from tripod import job_protocol as wire
     from tripod.layers import LocalChannelLayer
+    from tripod.protocol import SamplingParams
 
     layer = LocalChannelLayer()
     worker = Worker(layer, "tripod.generate.t", lambda: None, 1, registry=_RedisDownRegistry())
     reply = await layer.new_channel("tripod.reply.")
-    await worker._serve({"type": events.JOB, "id": "job-1", "reply_channel": reply, "prompt": "hi"})
+    job = wire.Job("job-1", reply, "t", SamplingParams(), time.time() + 60, prompt="hi")
+    await worker._serve(wire.encode(job))
     event = await layer.receive(reply)
-    assert event["type"] == events.ERROR
+    assert event["type"] == wire.Error.TYPE
     assert (event["status"], event["code"]) == (503, "channel_layer_unavailable"), event

@@ -9,7 +9,6 @@ Code reads ``config()``; tests that change ``settings.TRIPOD`` get a fresh objec
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,8 +17,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
-JOB_CHANNEL_PREFIX = "tripod.generate."
-WORKERS_GROUP = "tripod.workers"
+from tripod.job_protocol import job_channel
+
 # TRIPOD_STREAM_INTERVAL=auto, as a job carries it: the worker picks the tokens per chunk by its load.
 STREAM_INTERVAL_AUTO = "auto"
 
@@ -78,13 +77,7 @@ class Config:
 
     @property
     def job_channel(self) -> str:
-        return job_channel_for(self.served_model_name)
-
-
-def job_channel_for(model_name: str) -> str:
-    """The channel layer name that workers of ``model_name`` pull jobs from."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]", "-", model_name)[:80]
-    return JOB_CHANNEL_PREFIX + slug
+        return job_channel(self.served_model_name)
 
 
 def _optional_int(value) -> int | None:

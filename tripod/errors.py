@@ -43,26 +43,6 @@ class APIError(Exception):
             }
         }
 
-    @classmethod
-    def from_event(cls, event: dict[str, Any]) -> APIError:
-        """Rebuild an error sent by a worker in a ``generate.error`` event."""
-        return cls(
-            event.get("message", "generation failed"),
-            param=event.get("param"),
-            code=event.get("code"),
-            status=int(event.get("status", 500)),
-            type=event.get("error_type") or ("server_error" if int(event.get("status", 500)) >= 500 else None),
-        )
-
-    def to_event(self) -> dict[str, Any]:
-        return {
-            "message": self.message,
-            "param": self.param,
-            "code": self.code,
-            "status": self.status,
-            "error_type": self.type,
-        }
-
 
 class InvalidRequest(APIError):
     """400: the request body is not a valid request."""

@@ -6,7 +6,7 @@ Every rejection names the field at fault (``param``) the way OpenAI does, e.g. `
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from tripod.errors import InvalidRequest
@@ -46,15 +46,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         # Below this, dividing logits by the temperature overflows; it is greedy in effect (vLLM's threshold).
         return self.temperature < 1e-5
-
-    def to_message(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["stop"] = list(self.stop)
-        return data
-
-    @classmethod
-    def from_message(cls, data: dict[str, Any]) -> SamplingParams:
-        return cls(**{**data, "stop": tuple(data.get("stop") or ())})
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from tripod.job_protocol import JOB_CHANNEL_PREFIX
+
 
 def connection_options(read_timeout: float, connect_timeout: float = 1.0) -> dict[str, Any]:
     """Keyword arguments for a redis-py asyncio connection pool or client."""
@@ -64,6 +66,6 @@ def redis_channel_layer(url: str, queue_timeout: float) -> dict[str, Any]:
             "capacity": 1000,
             # Every local channel of one process (all its reply channels) shares one Redis key and this
             # capacity; deltas are coalesced, so this holds hundreds of concurrent streams with room to spare.
-            "channel_capacity": {LOCAL_CHANNELS + "*": 50000, "tripod.generate.*": 10000},
+            "channel_capacity": {LOCAL_CHANNELS + "*": 50000, JOB_CHANNEL_PREFIX + "*": 10000},
         },
     }
