@@ -50,8 +50,8 @@ def auto_stream_interval(generations: int) -> int:
     Up to 16 generations every token goes out as it comes; 17 to 32 get chunks of 2, and so on up to 4. Each
     chunk costs the server about the same whatever it holds (an event through the channel layer, an SSE or
     WebSocket frame, a ``send`` system call), and the server shares the process, and Python's lock, with the
-    engine's batching thread: at 64 streams on an H100, chunks of 4 gave 1.05x to 1.29x the throughput of
-    chunks of 1 in two runs (docs/BENCHMARKS.md). A chunk of 4 at 64 streams still comes about 15 times a second.
+    engine's batching thread, so fewer, larger chunks leave it more time (measured in docs/BENCHMARKS.md,
+    "``TRIPOD_STREAM_INTERVAL=auto``").
     """
     return max(1, min(AUTO_MAX_INTERVAL, -(-generations // AUTO_STREAMS_PER_TOKEN)))
 
