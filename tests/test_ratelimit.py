@@ -121,17 +121,20 @@ async def test_the_websocket_reserves_the_same_way(limited):
 async def test_a_running_request_holds_its_reservation_and_settles_to_its_exact_usage(limited):
     server, keys = limited
     key = keys["returned"]
-    body = chat_body(max_tokens=900, stream=True)
+    body = chat_body(max_tokens=900, ignore_eos=True, stream=True)
     async with httpx.AsyncClient(timeout=120) as client:
         async with client.stream("POST", server.url + URL, json=body, headers=auth(key)) as stream:
             assert stream.status_code == 200
-            async for line in stream.aiter_lines():
-                if '"content"' in line:
-                    break
+            # Read to the first text, holding on to the line iterator: a generator left by ``break`` may be
+            # finalized at once, which closes the response, and the client would have left already.
+            lines = stream.aiter_lines()
+            while '"content"' not in await anext(lines):
+                pass
             # Running, it holds 18 + 900 of the 1,000 tokens: another 118 cannot fit beside it.
             beside = await client.post(server.url + URL, json=chat_body(max_tokens=100), headers=auth(key))
             assert beside.status_code == 429, beside.text
             assert beside.json()["error"]["code"] == "rate_limit_exceeded"
+            await lines.aclose()
         # The client left: the stream settles to the tokens it used, far fewer than 900, and the rest is free again.
         after = await until_admitted(client, server, key, chat_body(max_tokens=100))
     assert used_tokens(server, key) < 18 + 900 + after.json()["usage"]["total_tokens"]
