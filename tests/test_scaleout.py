@@ -254,7 +254,8 @@ async def test_redis_restart_fails_fast_then_recovers_without_restarting_anythin
 
 
 async def test_two_web_processes_two_workers_40_streams_over_sse_and_websockets_all_served_once(cluster):
-    webs = [cluster.web(), cluster.web()]
+    # 20 jobs queue for each 1-slot worker: on a loaded machine the last waits longer than the default 60 s.
+    webs = [cluster.web(TRIPOD_QUEUE_TIMEOUT="300") for _ in range(2)]
     workers = [cluster.worker("--slots", "1").wait_serving() for _ in range(2)]
     bodies = [chat_body(f"request {i}", max_tokens=12, ignore_eos=True) for i in range(40)]
     # Each web process gets SSE and WebSocket clients, half each.
