@@ -21,11 +21,19 @@ from tripod.request_threads import ReusedRequestThreads  # noqa: E402
 
 
 class BrowserOriginValidator(OriginValidator):
-    """Checks ``Origin`` against ALLOWED_HOSTS when there is one: browsers always send it, so cross-site pages
-    are refused; API clients (Python ``websockets``, curl) send none and are let through to the key check."""
+    """Checks ``Origin`` against ALLOWED_HOSTS and the CORS origins when there is one: browsers always send it, so
+    pages of other sites are refused unless ``TRIPOD_CORS_ORIGINS`` lets them call the API; API clients (Python
+    ``websockets``, curl) send none and are let through to the key check."""
 
     def valid_origin(self, parsed_origin) -> bool:
         return parsed_origin is None or super().valid_origin(parsed_origin)
+
+
+def websocket_origins() -> list[str]:
+    """The page origins a socket may be opened from: this server's hosts, and the pages CORS lets call the API."""
+    if settings.CORS_ALLOW_ALL_ORIGINS:
+        return ["*"]
+    return [*settings.ALLOWED_HOSTS, *settings.CORS_ALLOWED_ORIGINS]
 
 
 websocket_urlpatterns = [
@@ -35,7 +43,7 @@ websocket_urlpatterns = [
 application = ProtocolTypeRouter(
     {
         "http": ReusedRequestThreads(django_asgi_app),
-        "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns), settings.ALLOWED_HOSTS),
+        "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns), websocket_origins()),
     }
 )
 

@@ -3,6 +3,8 @@ the admin login throttle, CORS, ``/docs`` without a network, and the worker's ``
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from html.parser import HTMLParser
 
 import httpx
 import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
 
 from tests.conftest import chat_body
 from tests.processes import ROOT, SECRET_KEY, LiveServer, Process, free_port, manage
@@ -45,6 +49,8 @@ def proxied() -> Iterator[LiveServer]:
             "TRIPOD_SECURE_PROXY_SSL_HEADER": "HTTP_X_FORWARDED_PROTO,https",
             "TRIPOD_CSRF_TRUSTED_ORIGINS": f"https://{PUBLIC_HOST}",
             "TRIPOD_CORS_ORIGINS": f"{APP},https://other.example",
+            # As the README's TLS setup says; the tests reach it as 127.0.0.1 as well.
+            "TRIPOD_ALLOWED_HOSTS": f"{PUBLIC_HOST},127.0.0.1",
         }
     )
 
@@ -212,6 +218,21 @@ def test_cors_refuses_other_origins_the_admin_and_is_off_by_default(proxied, pla
     assert "access-control-allow-origin" not in default.headers
     anyone = httpx.get(throttled.url + "/v1/models", headers={"Origin": "https://evil.example"})
     assert anyone.headers["access-control-allow-origin"] == "*"
+
+
+def test_a_page_cors_allows_may_open_a_websocket_and_others_may_not(proxied, throttled):
+    async def chat(server: LiveServer, origin: str) -> dict:
+        async with websockets.connect(server.ws_url + "/ws/chat/", origin=origin, open_timeout=30) as ws:
+            await ws.send(json.dumps({"type": "chat", "id": "1", **chat_body(max_tokens=2)}))
+            while (frame := json.loads(await ws.recv()))["type"] not in ("done", "error"):
+                pass
+            return frame
+
+    assert asyncio.run(chat(proxied, APP))["type"] == "done"
+    with pytest.raises(InvalidStatus) as refused:
+        asyncio.run(chat(proxied, "https://evil.example"))
+    assert refused.value.response.status_code == 403
+    assert asyncio.run(chat(throttled, "https://evil.example"))["type"] == "done"
 
 
 # --- /docs and --help -----------------------------------------------------------------------------------------
