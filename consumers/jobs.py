@@ -6,51 +6,35 @@ REST, SSE and WebSocket differ only in how they frame what this yields.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
+from consumers.job_admission import Admission, layer_down, reserve_exactly
+from consumers.job_events import ReplyReader
+from consumers.job_settlement import settle
 from tripod import job_protocol as wire
 from tripod.auth import OPEN, Principal
 from tripod.conf import config
 from tripod.engines.base import Delta
-from tripod.errors import (
-    APIError,
-    EngineFailure,
-    InvalidRequest,
-    ModelNotFound,
-    ServiceUnavailable,
-    channel_layer_unavailable,
-)
+from tripod.errors import APIError, EngineFailure, InvalidRequest, ModelNotFound, ServiceUnavailable
 from tripod.logs import REQUEST_ID
 from tripod.metrics import RequestMetrics
 from tripod.protocol import GenerationRequest, SamplingParams
 from tripod.ratelimit import Lease, admit
-from tripod.registry import ABANDONED_SECONDS, CLAIM_MARGIN_SECONDS, REGISTRY_ERRORS, get_registry
+from tripod.registry import ABANDONED_SECONDS, REGISTRY_ERRORS, get_registry
 from tripod.request_threads import outlive_request
-from tripod.usage import record as record_usage
 
-logger = logging.getLogger(__name__)
 # After a client leaves, how long to wait for its worker's final usage report.
 DRAIN_SECONDS = 5.0
 # A streamed delta held back to gather TRIPOD_STREAM_INTERVAL tokens goes out once this much older than the last.
 STREAM_HOLD_SECONDS = 0.5
 # The longest a worker holds back the text of a reply that is not streamed.
 UNSTREAMED_HOLD_SECONDS = 1.0
-# Scaled: how often a job is sent again because the worker that took it stopped before starting it.
-MAX_RESENDS = 3
-# One line per generation request: the access log of the API.
-request_log = logging.getLogger("tripod.requests")
-
-
-def _ms(later: float | None, earlier: float) -> float | None:
-    return None if later is None else round((later - earlier) * 1000, 2)
 
 
 async def served_models() -> list[str]:
@@ -61,7 +45,7 @@ async def served_models() -> list[str]:
     try:
         return sorted(await registry.live_models())
     except REGISTRY_ERRORS as exc:
-        raise _layer_down(exc) from None
+        raise layer_down(exc) from None
 
 
 async def resolve_model(requested: str | None) -> str:
@@ -92,12 +76,7 @@ async def resolve_model(requested: str | None) -> str:
                 )
             await asyncio.sleep(0.25)
     except REGISTRY_ERRORS as exc:
-        raise _layer_down(exc) from None
-
-
-def _layer_down(exc: BaseException) -> ServiceUnavailable:
-    logger.warning("channel layer unavailable: %r", exc, exc_info=exc)
-    return channel_layer_unavailable(exc)
+        raise layer_down(exc) from None
 
 
 def _check_cap(params: SamplingParams, cap: int) -> None:
@@ -114,7 +93,9 @@ class GenerationJob:
     """One generation as its client sees it: ``start()``, iterate ``deltas()``, ``close()``.
 
     Leaving early (an exception, a cancelled task, a client that hung up) must reach ``close()``,
-    which tells the worker to stop; use ``async with``.
+    which tells the worker to stop; use ``async with``. Admission (``job_admission``), the reply channel
+    (``job_events``) and settlement (``job_settlement``) live in their own modules; this holds what the
+    transports read.
     """
 
     def __init__(
@@ -141,7 +122,8 @@ class GenerationJob:
         self.last_token_at: float | None = None
         self.completion_text: list[str] | None = [] if config().log_content else None
         self.layer = get_channel_layer()
-        self.reply_channel: str | None = None
+        self.events = ReplyReader(self.layer)
+        self.admission: Admission | None = None
         self.worker: str | None = None
         self.control_channel: str | None = None
         self.prompt_tokens = 0
@@ -153,14 +135,11 @@ class GenerationJob:
         self._cancel_sent = False
         self._settled = False
         self._closed = False
-        self._pending: asyncio.Future | None = None
-        # Scaled: the job as sent, when it was last sent (wall time), since when it has looked lost, resends.
-        self._job: wire.Job | None = None
-        self._deadline: float | None = None
-        self._sent_at = 0.0
-        self._unclaimed_since: float | None = None
-        self._resends = 0
-        self._receive_is_cancel_safe = getattr(self.layer, "receive_is_cancel_safe", False)
+
+    @property
+    def reply_channel(self) -> str | None:
+        """Where the worker sends this job's events; ``None`` until the job is submitted."""
+        return self.events.channel
 
     async def __aenter__(self) -> GenerationJob:
         return self
@@ -180,29 +159,28 @@ class GenerationJob:
         cfg = config()
         self.model = await resolve_model(self.request.model)
         _check_cap(self.request.params, cfg.max_tokens_cap)
-        params = self.request.params
         try:
             self.lease = await admit(self.principal, self.request, cfg.max_tokens_cap)
         except REGISTRY_ERRORS as exc:
-            raise _layer_down(exc) from None
+            raise layer_down(exc) from None
         if cfg.inline_worker:
             from asgi_worker.inline import ensure_inline_worker
 
             ensure_inline_worker()
         try:
-            await self._submit(cfg, params)
+            await self._submit(cfg, self.request.params)
         except REGISTRY_ERRORS as exc:
             self.finished = True
-            raise _layer_down(exc) from None
+            raise layer_down(exc) from None
 
     async def _submit(self, cfg, params: SamplingParams) -> None:
-        self.reply_channel = await self.layer.new_channel(wire.REPLY_CHANNEL_PREFIX)
+        reply_channel = await self.events.open()
         chat = self.request.kind == "chat"
         registry = get_registry()
         job = wire.Job(
             id=self.id,
             request_id=self.request_id,
-            reply_channel=self.reply_channel,
+            reply_channel=reply_channel,
             model=self.model,
             params=params,
             messages=self.request.messages if chat else None,
@@ -216,9 +194,9 @@ class GenerationJob:
         )
         self.metrics = RequestMetrics(self.model, self.transport)
         self.metrics.waiting()
-        self._job, self._deadline = job, job.deadline
-        await self._send_job()
-        event = await self._wait_admission(cfg)
+        self.admission = Admission(self.layer, job, self._next_event)
+        await self.admission.send()
+        event = await self.admission.wait(cfg)
         if event is None:
             raise ServiceUnavailable(
                 f"No worker for model '{self.model}' accepted the request within {cfg.queue_timeout:g} s.",
@@ -234,17 +212,7 @@ class GenerationJob:
         self.prompt_tokens = int(event.prompt_tokens)
         self.admitted_at = time.monotonic()
         self.metrics.admitted(self.admitted_at - self.created)
-        await self._reserve_exactly(event.max_tokens or params.max_tokens)
-
-    async def _reserve_exactly(self, max_tokens: int | None) -> None:
-        """Now that the worker has counted the prompt, hold exactly what the job may use (prompt + its token
-        budget) instead of the web side's bound; when that is more and does not fit, the job is refused (429)."""
-        if self.lease is None or not max_tokens:
-            return
-        try:
-            await self.lease.resize(self.prompt_tokens + int(max_tokens))
-        except REGISTRY_ERRORS:
-            pass  # keep the bound taken at admission
+        await reserve_exactly(self.lease, self.prompt_tokens, event.max_tokens or params.max_tokens)
 
     def _coalescing(self, cfg) -> dict[str, Any]:
         """How the worker may merge deltas (``TokenStream.deltas_async``): tokens per delta after the first, and the
@@ -254,87 +222,9 @@ class GenerationJob:
             return {"stream_interval": 0, "stream_hold": min(UNSTREAMED_HOLD_SECONDS, cfg.event_timeout / 4)}
         return {"stream_interval": cfg.stream_interval, "stream_hold": min(STREAM_HOLD_SECONDS, cfg.event_timeout / 4)}
 
-    async def _send_job(self) -> None:
-        try:
-            await self.layer.send(wire.job_channel(self.model), wire.encode(self._job))
-        except ChannelFull:
-            raise ServiceUnavailable(
-                f"Too many requests are waiting for model '{self.model}'; retry later.", code="queue_full"
-            ) from None
-        self._sent_at = time.time()
-        self._unclaimed_since = None
-
-    async def _wait_admission(self, cfg) -> dict[str, Any] | None:
-        """The worker's first event; scaled, give up early once no worker of the model is alive, and send the job
-        again when the worker that took it stopped before starting it."""
-        registry = get_registry()
-        deadline = time.monotonic() + cfg.queue_timeout
-        orphaned_since = None
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            event = await self._next_event(min(left, 1.0) if registry else left)
-            if event is not None:
-                return event
-            if registry is not None:
-                if self.model in await registry.live_models():
-                    orphaned_since = None
-                elif orphaned_since is None:
-                    orphaned_since = time.monotonic()
-                elif time.monotonic() - orphaned_since > cfg.no_worker_wait:
-                    raise ServiceUnavailable(
-                        f"No live worker serves the model '{self.model}' any more.",
-                        param="model",
-                        code="no_worker_available",
-                    )
-                if await self._lost_before_start(registry, cfg):
-                    await self._send_again()
-
-    async def _lost_before_start(self, registry, cfg) -> bool:
-        """Whether no live worker has this job: it left the queue but nobody claimed it for ``worker_ttl``, or the
-        worker that claimed it stopped beating. A stopped worker may have taken it (a ``SIGSTOP`` during its
-        blocking read: Redis hands the job to a process that cannot run), or lost it (that read timed out).
-        """
-        try:
-            if not await registry.left_queue(
-                getattr(self.layer, "prefix", "asgi") + wire.job_channel(self.model), self._sent_at
-            ):
-                self._unclaimed_since = None
-                return False  # still waiting its turn
-            holder = await registry.claim_holder(self.id)
-            if holder is None:
-                now = time.monotonic()
-                if self._unclaimed_since is None:
-                    self._unclaimed_since = now
-                return now - self._unclaimed_since >= cfg.worker_ttl
-            self._unclaimed_since = None
-            return not holder.startswith("!") and not await registry.alive(holder)
-        except REGISTRY_ERRORS:
-            return False  # Redis itself is down: the queue timeout still bounds the wait
-
-    async def _send_again(self) -> None:
-        """Send the job again, same id: its claim lets only one worker run it, whichever copy it pulls."""
-        if self._resends >= MAX_RESENDS:
-            await self._give_up()
-            raise ServiceUnavailable(
-                f"The workers that took this request stopped before starting it, {self._resends + 1} times.",
-                code="worker_lost",
-            )
-        self._resends += 1
-        logger.warning("job %s: taken by a worker that stopped before starting it; sending it again", self.id)
-        await self._send_job()
-
     async def _give_up(self, keep: float | None = None) -> None:
-        """Scaled: mark this job abandoned, so that no worker starts it and a worker that holds it stops it."""
-        registry = get_registry()
-        if registry is None or self._deadline is None:
-            return
-        keep = max(self._deadline - time.time(), 0.0) + CLAIM_MARGIN_SECONDS if keep is None else keep
-        try:
-            await registry.abandon(self.id, keep)
-        except REGISTRY_ERRORS as exc:
-            logger.warning("job %s: could not mark it abandoned: %s", self.id, exc)
+        if self.admission is not None:
+            await self.admission.give_up(keep)
 
     async def deltas(self, tick: float | None = None) -> AsyncIterator[Delta | None]:
         """Yield deltas until the job is done; ``None`` every ``tick`` seconds of silence (for keep-alives).
@@ -448,13 +338,8 @@ class GenerationJob:
                 outlive_request(self._drain_then_settle(), self.request_id)
                 return
         self.finished = True
-        self._drop_pending()
+        self.events.close()
         await self._settle()
-
-    def _drop_pending(self) -> None:
-        if self._pending is not None and not self._pending.done():
-            self._pending.cancel()
-        self._pending = None
 
     async def _drain_then_settle(self) -> None:
         deadline = time.monotonic() + DRAIN_SECONDS
@@ -469,99 +354,17 @@ class GenerationJob:
         except APIError:
             pass
         finally:
-            self._drop_pending()
+            self.events.close()
             await self._settle()
 
-    def _report(self) -> None:
-        """Metrics and the one JSON log line of this request."""
-        ended = time.monotonic()
-        if self.error is not None:
-            outcome = self.error.code or "error"
-            if self.metrics is not None:
-                self.metrics.failed(outcome, self.usage)
-            else:
-                # Refused before submission (unknown model, rate limit, no worker): count it all the same,
-                # without letting arbitrary model names become label values.
-                model = "(unknown)" if outcome == "model_not_found" else self.model
-                RequestMetrics(model, self.transport).failed(outcome)
-        else:
-            outcome = self.finish_reason or "cancelled"
-            if self.metrics is not None:
-                self.metrics.finished(ended - self.created, outcome, self.usage)
-        usage = self.usage or {}
-        entry = {
-            "event": "generation",
-            "request_id": self.request_id,
-            "job_id": self.id,
-            "model": self.model,
-            "transport": self.transport,
-            "key": self.principal.name,
-            "status": "error" if self.error is not None else "ok",
-            "error_code": self.error.code if self.error is not None else None,
-            "http_status": self.error.status if self.error is not None else 200,
-            "finish_reason": outcome if self.error is None else None,
-            "prompt_tokens": usage.get("prompt_tokens", self.prompt_tokens),
-            "completion_tokens": usage.get("completion_tokens", 0),
-            "queue_ms": _ms(self.admitted_at, self.created),
-            "ttft_ms": _ms(self.first_token_at, self.created),
-            "duration_ms": round((ended - self.created) * 1000, 2),
-            "worker": self.worker,
-        }
-        if self.completion_text is not None:
-            entry["prompt"] = self.request.messages if self.request.kind == "chat" else self.request.prompt
-            entry["completion"] = "".join(self.completion_text)
-        request_log.info("%s %s %s", self.transport, self.model, entry["status"], extra=entry)
-
     async def _settle(self) -> None:
-        if not self._settled:
-            self._report()
-        usage = self.usage or {}
-        if self.lease is not None:
-            lease, self.lease = self.lease, None
-            # Exact usage when the worker reported it; else (a lost worker, a timeout) what is known to be spent.
-            spent = usage.get("total_tokens", self.prompt_tokens + self.tokens_seen)
-            try:
-                await lease.release(int(spent))
-            except REGISTRY_ERRORS:
-                pass  # the window heals by itself; the slot lease expires
-        first = not self._settled
-        self._settled = True
-        if self.principal.key_id is not None and self.reply_channel is not None and first:
-            await sync_to_async(record_usage)(
-                self.principal.key_id, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-            )
+        first, self._settled = not self._settled, True
+        await settle(self, first=first)
 
     async def _next_event(self, timeout: float) -> wire.Message | None:
-        """The next event on the reply channel, decoded, or ``None`` after ``timeout``.
-
-        A layer whose ``receive`` may be cancelled without losing a message (the embedded one) is awaited
-        directly: one wake-up per event. Any other keeps its receive pending across timeouts.
-        """
-        event = await self._receive(timeout)
-        if event is None:
-            return None
+        """The next event on the reply channel, or ``None`` after ``timeout``; a failed layer ends the job (503)."""
         try:
-            return wire.decode(event)
-        except wire.ProtocolError as exc:
-            raise EngineFailure(
-                f"The worker sent a message this server cannot read: {exc}", code="protocol_error"
-            ) from None
-
-    async def _receive(self, timeout: float) -> dict[str, Any] | None:
-        if self._receive_is_cancel_safe:
-            try:
-                async with asyncio.timeout(max(timeout, 0)):
-                    return await self.layer.receive(self.reply_channel)
-            except TimeoutError:
-                return None
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self.layer.receive(self.reply_channel))
-        done, _ = await asyncio.wait({self._pending}, timeout=max(timeout, 0))
-        if not done:
-            return None
-        future, self._pending = self._pending, None
-        try:
-            return future.result()
+            return await self.events.next_event(timeout)
         except REGISTRY_ERRORS as exc:
             self.finished = True
-            raise _layer_down(exc) from None
+            raise layer_down(exc) from None
