@@ -16,8 +16,8 @@ from django.conf import settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from consumers.websocket import ChatConsumer  # noqa: E402
-from tripod.auth import log_open_server  # noqa: E402
-from tripod.request_threads import ReusedRequestThreads  # noqa: E402
+from tripod.accounts.keys import log_open_server  # noqa: E402
+from tripod.patches.request_threads import ReusedRequestThreads  # noqa: E402
 
 
 class BrowserOriginValidator(OriginValidator):

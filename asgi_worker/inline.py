@@ -12,7 +12,7 @@ import weakref
 from channels.layers import get_channel_layer
 
 from asgi_worker.loop import Worker
-from tripod.request_threads import outlive_request
+from tripod.patches.request_threads import outlive_request
 
 _workers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = weakref.WeakKeyDictionary()
 

@@ -22,11 +22,11 @@ from asgi_worker.pull import Claims, pull_jobs
 from asgi_worker.report import heartbeat, send_event, watch_readers
 from asgi_worker.run import Runs, listen_for_cancels
 from tripod import job_protocol as wire
-from tripod import metrics
 from tripod.conf import STREAM_INTERVAL_AUTO
 from tripod.engines.base import ChatModel
 from tripod.errors import APIError, EngineFailure
-from tripod.logs import REQUEST_ID
+from tripod.observability import metrics
+from tripod.observability.logs import REQUEST_ID
 from tripod.registry import WorkerRegistry
 
 logger = logging.getLogger(__name__)

@@ -112,7 +112,7 @@ def chain_cost(rows: int = 64, vocab: int = 128256, repeats: int = 50) -> dict:
 
 def attention_ways(query, key, value, mask, groups: int) -> dict:
     """Ways to compute masked grouped-query attention; each returns [1, heads, q, dim]."""
-    from tripod.engines.grouped_attention import packed_attention
+    from tripod.patches.grouped_attention import packed_attention
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     _, heads, q, dim = query.shape

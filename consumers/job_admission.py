@@ -14,8 +14,8 @@ from typing import Any
 from channels.exceptions import ChannelFull
 
 from tripod import job_protocol as wire
+from tripod.accounts.ratelimit import Lease
 from tripod.errors import ServiceUnavailable, channel_layer_unavailable
-from tripod.ratelimit import Lease
 from tripod.registry import CLAIM_MARGIN_SECONDS, REGISTRY_ERRORS, get_registry
 
 # The job client's log lines keep one logger name, whichever of its modules writes them.

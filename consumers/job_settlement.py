@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 
-from tripod.metrics import RequestMetrics
+from tripod.accounts.usage import record as record_usage
+from tripod.observability.metrics import RequestMetrics
 from tripod.registry import REGISTRY_ERRORS
-from tripod.usage import record as record_usage
 
 if TYPE_CHECKING:
     from consumers.jobs import GenerationJob

@@ -18,16 +18,16 @@ from consumers.job_admission import Admission, layer_down, reserve_exactly
 from consumers.job_events import ReplyReader
 from consumers.job_settlement import settle
 from tripod import job_protocol as wire
-from tripod.auth import OPEN, Principal
+from tripod.accounts.keys import OPEN, Principal
+from tripod.accounts.ratelimit import Lease, admit
 from tripod.conf import config
 from tripod.engines.base import Delta
 from tripod.errors import APIError, EngineFailure, InvalidRequest, ModelNotFound, ServiceUnavailable
-from tripod.logs import REQUEST_ID
-from tripod.metrics import RequestMetrics
+from tripod.observability.logs import REQUEST_ID
+from tripod.observability.metrics import RequestMetrics
+from tripod.patches.request_threads import outlive_request
 from tripod.protocol import GenerationRequest, SamplingParams
-from tripod.ratelimit import Lease, admit
 from tripod.registry import ABANDONED_SECONDS, REGISTRY_ERRORS, get_registry
-from tripod.request_threads import outlive_request
 
 # After a client leaves, how long to wait for its worker's final usage report.
 DRAIN_SECONDS = 5.0

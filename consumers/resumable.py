@@ -23,8 +23,8 @@ from tripod import job_protocol as wire
 from tripod import streams
 from tripod.conf import config
 from tripod.errors import APIError, EngineFailure
+from tripod.patches.request_threads import outlive_request
 from tripod.registry import REGISTRY_ERRORS
-from tripod.request_threads import outlive_request
 from tripod.responses import ChunkBuilder, compact_json
 
 logger = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from typing import Any
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from consumers.jobs import GenerationJob
-from tripod.auth import authenticate_async, websocket_token
+from tripod.accounts.keys import authenticate_async, websocket_token
 from tripod.conf import config
 from tripod.errors import APIError, EngineFailure, InvalidRequest
-from tripod.logs import REQUEST_ID, clean_request_id
+from tripod.observability.logs import REQUEST_ID, clean_request_id
 from tripod.protocol import parse_chat_request, parse_completion_request, reject_lone_surrogates
 from tripod.registry import REGISTRY_ERRORS, get_registry
 

@@ -12,7 +12,7 @@ from asgiref.sync import sync_to_async
 from routing import application
 from tests.conftest import chat_body, sse_events
 from tests.inprocess import HTTPExchange
-from tripod import auth
+from tripod.accounts import keys as auth
 from tripod.api.views import ChatCompletionsView
 from tripod.models import APIKey
 

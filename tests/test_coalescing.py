@@ -32,7 +32,7 @@ async def worker_events(chat_model, max_tokens: int = TOKENS, **job) -> list[dic
     """Every event one job gets from a real worker, in order; ``job`` adds fields to the job message."""
     from asgi_worker.loop import Worker
     from tripod import job_protocol as wire
-    from tripod.layers import LocalChannelLayer
+    from tripod.patches.inmemory_layer import LocalChannelLayer
     from tripod.protocol import SamplingParams
 
     layer = LocalChannelLayer()
@@ -135,7 +135,7 @@ async def test_stream_interval_setting_merges_sse_chunks(chat_model, settings, m
 @pytest.fixture
 def worker_sends(monkeypatch) -> list[dict]:
     """Every message sent on the embedded channel layer while the test runs."""
-    from tripod.layers import LocalChannelLayer
+    from tripod.patches.inmemory_layer import LocalChannelLayer
 
     sent: list[dict] = []
     original = LocalChannelLayer.send

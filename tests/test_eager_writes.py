@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet import main, tcp
 
-from tripod.eager_writes import EagerServer, install
+from tripod.patches.eager_writes import EagerServer, install
 
 
 class Socket:

@@ -19,7 +19,7 @@ from routing import application
 from tests.conftest import chat_body, sse_json
 from tests.inprocess import http_scope
 from tests.processes import LiveServer, Process, free_port, migrated_database, procfile_daphne_argv
-from tripod.http_limits import RequestBodyLimit
+from tripod.patches.http_limits import RequestBodyLimit
 
 HEADER_TIMEOUT = 1
 IDLE_TIMEOUT = 2

@@ -355,7 +355,7 @@ def test_packed_grouped_attention_equals_transformers_own():
     """``TRIPOD_CB_PACKED_GQA``: query heads stacked per key/value head, the mask repeated: the same attention."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from tripod.engines.grouped_attention import packed_gqa_sdpa
+    from tripod.patches.grouped_attention import packed_gqa_sdpa
 
     generator = torch.Generator().manual_seed(0)
     query, key, value = (
@@ -378,8 +378,8 @@ def test_attention_with_split_keys_equals_the_whole(chunk, monkeypatch):
     """``TRIPOD_CB_SPLIT_KEYS``: chunks of keys as one batch, then a tail, weighed by their log-sum-exps: the same
     attention, for rows that span chunks, rows inside one and the tail; a row masked everywhere (a padded query
     token, whose output is dropped) stays finite, since the cache may take its keys and values."""
-    from tripod.engines import grouped_attention
-    from tripod.engines.grouped_attention import split_keys_sdpa
+    from tripod.patches import grouped_attention
+    from tripod.patches.grouped_attention import split_keys_sdpa
 
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(1, 2, length, 16, generator=generator) for length in (6, 23, 23))
@@ -404,7 +404,7 @@ def test_attention_with_split_keys_equals_the_whole(chunk, monkeypatch):
 def test_split_keys_that_the_kernel_refuses_fall_back_to_whole_keys(monkeypatch, caplog):
     """Fault injection: the log-sum-exp kernel raises (as CUDA's did on the H200 for a mask it would not take); the
     step still gets its attention, from whole-key SDPA, and the process stops splitting."""
-    from tripod.engines import grouped_attention
+    from tripod.patches import grouped_attention
 
     def refusing(*args):
         raise RuntimeError("attn_bias: wrong shape (head dimension)")
@@ -417,7 +417,7 @@ def test_split_keys_that_the_kernel_refuses_fall_back_to_whole_keys(monkeypatch,
     )
     mask = torch.zeros(1, 1, 3, 12)
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
-    with caplog.at_level("WARNING", logger="tripod.engines.grouped_attention"):
+    with caplog.at_level("WARNING", logger="tripod.patches.grouped_attention"):
         ours, _ = grouped_attention.packed_gqa_sdpa(module, query, key, value, mask)
     theirs = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(ours, theirs.transpose(1, 2))
@@ -429,7 +429,7 @@ def test_the_engine_with_split_keys_gives_the_same_tokens(cb_model, chat_model, 
     """Routed through the packed path with chunks of 2 keys (the test routes it: on CPU the engine leaves it off)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from tripod.engines import grouped_attention
+    from tripod.patches import grouped_attention
 
     reference = chat_model.generate(MESSAGES, max_tokens=24, temperature=0)
     split_calls = []
@@ -454,7 +454,7 @@ def test_the_engine_with_packed_grouped_attention_gives_the_same_tokens(cb_model
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from tripod.engines import grouped_attention
+    from tripod.patches import grouped_attention
 
     reference = chat_model.generate(MESSAGES, max_tokens=24, temperature=0)
     packed_calls = []

@@ -43,7 +43,7 @@ def test_the_facades_shed_their_parts_and_each_part_fits_a_screen():
 
 async def test_the_reply_reader_decodes_events_and_times_out_with_none():
     from consumers.job_events import ReplyReader
-    from tripod.layers import LocalChannelLayer
+    from tripod.patches.inmemory_layer import LocalChannelLayer
 
     reader = ReplyReader(LocalChannelLayer())
     channel = await reader.open()
@@ -60,7 +60,7 @@ async def test_the_reply_reader_decodes_events_and_times_out_with_none():
 
 async def test_a_reader_on_a_layer_whose_receive_is_not_cancel_safe_keeps_one_receive_pending():
     from consumers.job_events import ReplyReader
-    from tripod.layers import LocalChannelLayer
+    from tripod.patches.inmemory_layer import LocalChannelLayer
 
     class Layer(LocalChannelLayer):
         receive_is_cancel_safe = False

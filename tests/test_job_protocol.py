@@ -186,7 +186,7 @@ def raw_job(reply: str, **fields) -> dict:
 async def test_a_worker_answers_a_job_of_another_version_with_protocol_mismatch_then_serves_on(chat_model):
     """One slot: the refused job must free it, and the next job (unversioned, as today's web sends it) runs."""
     from asgi_worker.loop import Worker
-    from tripod.layers import LocalChannelLayer
+    from tripod.patches.inmemory_layer import LocalChannelLayer
 
     layer = LocalChannelLayer()
     worker = Worker(layer, "tripod.generate.t", lambda: chat_model, 1)
@@ -211,7 +211,7 @@ async def test_a_worker_answers_a_job_of_another_version_with_protocol_mismatch_
 
 async def test_a_worker_answers_a_job_it_cannot_read_instead_of_failing_on_a_missing_key():
     from asgi_worker.loop import Worker
-    from tripod.layers import LocalChannelLayer
+    from tripod.patches.inmemory_layer import LocalChannelLayer
 
     layer = LocalChannelLayer()
     worker = Worker(layer, "tripod.generate.t", lambda: None, 1)

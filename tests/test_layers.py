@@ -8,7 +8,7 @@ import pytest
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
-from tripod.layers import LocalChannelLayer
+from tripod.patches.inmemory_layer import LocalChannelLayer
 
 
 def test_the_embedded_mode_uses_it():

@@ -88,7 +88,7 @@ def test_the_log_filter_redacts_every_part_of_a_record():
     import logging
     import sys
 
-    from tripod.logs import JsonFormatter, RequestIDFilter
+    from tripod.observability.logs import JsonFormatter, RequestIDFilter
 
     key = "tpd_Zx9-secret-secret-secret-secret-secret-00"
     try:

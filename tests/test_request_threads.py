@@ -7,7 +7,7 @@ import threading
 
 from asgiref.sync import sync_to_async
 
-from tripod.request_threads import ReusedRequestThreads, outlive_request
+from tripod.patches.request_threads import ReusedRequestThreads, outlive_request
 
 
 def run_requests(app, count: int, *, concurrently: bool) -> list[list[int]]:

@@ -377,7 +377,7 @@ class _Registry:
 )
 async def test_a_web_process_must_be_missing_twice_before_its_jobs_stop(answers, stopped):
     from asgi_worker.loop import Worker
-    from tripod.layers import LocalChannelLayer
+    from tripod.patches.inmemory_layer import LocalChannelLayer
 
     worker = Worker(LocalChannelLayer(), "tripod.generate.t", lambda: None, 1, registry=_Registry(*answers))
     worker.heartbeat_interval = 0.01
@@ -398,7 +398,7 @@ async def test_pooled_redis_connections_survive_a_redis_restart(redis_server):
     """
     from channels_redis.core import RedisChannelLayer
 
-    from tripod.redis_connections import redis_channel_layer
+    from tripod.patches.redis_connections import redis_channel_layer
     from tripod.registry import WorkerRegistry
 
     layer = RedisChannelLayer(**redis_channel_layer(redis_server.url, queue_timeout=60)["CONFIG"])
@@ -424,7 +424,7 @@ class _RedisDownRegistry:
 async def test_a_claim_that_redis_fails_answers_503_not_an_engine_error():
     from asgi_worker.loop import Worker
     from tripod import job_protocol as wire
-    from tripod.layers import LocalChannelLayer
+    from tripod.patches.inmemory_layer import LocalChannelLayer
     from tripod.protocol import SamplingParams
 
     layer = LocalChannelLayer()

@@ -32,7 +32,7 @@ async def ws_chat(ws_url: str, body: dict, headers: dict | None = None) -> dict:
 
 async def test_channels_of_every_prefix_share_one_reader(redis_server):
     """The layer itself: a receive pending on one local channel does not keep messages of another from arriving."""
-    from tripod.redis_connections import OneKeyRedisChannelLayer, redis_channel_layer
+    from tripod.patches.redis_connections import OneKeyRedisChannelLayer, redis_channel_layer
 
     layer = OneKeyRedisChannelLayer(**redis_channel_layer(redis_server.url, queue_timeout=60)["CONFIG"])
     idle = asyncio.ensure_future(layer.receive(await layer.new_channel()))  # what a Channels consumer gets

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.utils import timezone
 
-from tripod.auth import KEY_PREFIX, forget_cached_keys, generate_key, hash_key
+from tripod.accounts.keys import KEY_PREFIX, forget_cached_keys, generate_key, hash_key
 from tripod.models import APIKey, UsageDay
 
 

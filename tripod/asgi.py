@@ -9,14 +9,14 @@ import os
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tripod.settings")
 
 from routing import application as routed  # noqa: E402
-from tripod import http_limits  # noqa: E402
 from tripod.conf import config  # noqa: E402
 from tripod.deploy_checks import check_secret_key  # noqa: E402
+from tripod.patches import http_limits  # noqa: E402
 
 check_secret_key()  # the built-in DJANGO_SECRET_KEY only where nobody else can reach the server
 
 if config().eager_writes:
-    from tripod.eager_writes import install
+    from tripod.patches.eager_writes import install
 
     install()
 

@@ -29,8 +29,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tripod.redis_connections import connection_options
-from tripod.request_threads import outlive_request
+from tripod.patches.redis_connections import connection_options
+from tripod.patches.request_threads import outlive_request
 
 logger = logging.getLogger(__name__)
 

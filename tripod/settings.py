@@ -68,7 +68,7 @@ CORS_ALLOW_CREDENTIALS = False
 
 INSTALLED_APPS = [
     "daphne",  # first, so that `manage.py runserver` is daphne's ASGI runserver
-    "tripod.admin_site.TripodAdminConfig",  # django.contrib.admin with a login that counts failures
+    "tripod.accounts.admin_site.TripodAdminConfig",  # django.contrib.admin with a login that counts failures
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -77,23 +77,23 @@ INSTALLED_APPS = [
     "channels",
     "rest_framework",
     "drf_spectacular",
-    "drf_spectacular_sidecar",  # Swagger UI's files, served by /docs/ui/ (tripod/apidocs.py): no CDN
+    "drf_spectacular_sidecar",  # Swagger UI's files, served by /docs/ui/ (tripod/api/docs.py): no CDN
     "corsheaders",
     "tripod",
     "tripod.training",
 ]
 
 MIDDLEWARE = [
-    "tripod.logs.RequestIDMiddleware",
+    "tripod.observability.logs.RequestIDMiddleware",
     "corsheaders.middleware.CorsMiddleware",  # before anything that may answer: preflights need no key
-    # Django's own, run on the event loop instead of a thread per hook (see tripod/middleware.py).
-    "tripod.middleware.SecurityMiddleware",
-    "tripod.middleware.SessionMiddleware",
-    "tripod.middleware.CommonMiddleware",
-    "tripod.middleware.CsrfViewMiddleware",
-    "tripod.middleware.AuthenticationMiddleware",
-    "tripod.middleware.MessageMiddleware",
-    "tripod.middleware.XFrameOptionsMiddleware",
+    # Django's own, run on the event loop instead of a thread per hook (see tripod/patches/middleware.py).
+    "tripod.patches.middleware.SecurityMiddleware",
+    "tripod.patches.middleware.SessionMiddleware",
+    "tripod.patches.middleware.CommonMiddleware",
+    "tripod.patches.middleware.CsrfViewMiddleware",
+    "tripod.patches.middleware.AuthenticationMiddleware",
+    "tripod.patches.middleware.MessageMiddleware",
+    "tripod.patches.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "tripod.urls"
@@ -145,21 +145,21 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 
 if REDIS_URL:
     # Scaled: any number of web processes and `python -m asgi_worker` processes share one Redis.
-    from tripod.redis_connections import redis_channel_layer  # here: redis-py is slow to import
+    from tripod.patches.redis_connections import redis_channel_layer  # here: redis-py is slow to import
 
     CHANNEL_LAYERS = {"default": redis_channel_layer(REDIS_URL, QUEUE_TIMEOUT)}
 else:
     # Embedded default: one process, in-memory channel layer, the worker inline.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "tripod.layers.LocalChannelLayer",  # channels' in-memory layer, lighter per message
+            "BACKEND": "tripod.patches.inmemory_layer.LocalChannelLayer",  # channels' in-memory layer, lighter
             # The inline worker joins the workers group once: keep it there for as long as the process lives.
             "CONFIG": {"capacity": 1000, "expiry": int(QUEUE_TIMEOUT) + 60, "group_expiry": 10 * 365 * 86400},
         }
     }
 
 if REDIS_URL:
-    # Django's cache holds the admin login counters (tripod/admin_site.py): in Redis, every web process counts
+    # Django's cache holds the admin login counters (tripod/accounts/admin_site.py): in Redis, every web process counts
     # the same failures. Without it, the default in-process cache serves the one process.
     CACHES = {
         "default": {
@@ -170,8 +170,8 @@ if REDIS_URL:
     }
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["tripod.auth.BearerKeyAuthentication"],
-    "DEFAULT_PERMISSION_CLASSES": ["tripod.auth.HasPrincipal"],
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tripod.accounts.keys.BearerKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["tripod.accounts.keys.HasPrincipal"],
     "DEFAULT_RENDERER_CLASSES": ["tripod.api.renderers.OpenAIJSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["tripod.api.parsers.OpenAIJSONParser"],
     "EXCEPTION_HANDLER": "tripod.api.errors.drf_exception_handler",
@@ -196,11 +196,11 @@ TRIPOD = {
     # hf-cb on CUDA without flash attention: masked attention on grouped heads without copying keys and values.
     "CB_PACKED_GQA": os.environ.get("TRIPOD_CB_PACKED_GQA", "1") == "1",
     "CB_SPLIT_KEYS": int(os.environ.get("TRIPOD_CB_SPLIT_KEYS", "0")),
-    # daphne sends a response chunk at once when nothing is queued ahead of it (tripod/eager_writes.py).
+    # daphne sends a response chunk at once when nothing is queued ahead of it (tripod/patches/eager_writes.py).
     "EAGER_WRITES": os.environ.get("TRIPOD_EAGER_WRITES", "1") != "0",
     "CACHE_DIR": os.environ.get("TRIPOD_CACHE_DIR", str(Path.home() / ".cache" / "tripod")),
     "MAX_BODY_BYTES": TRIPOD_MAX_BODY_BYTES,
-    # daphne's connections (tripod/http_limits.py): a request's head must arrive within this, and a client
+    # daphne's connections (tripod/patches/http_limits.py): a request's head must arrive within this, and a client
     # receiving nothing back may stay silent this long; neither applies while a response streams.
     "HTTP_HEADER_TIMEOUT": float(os.environ.get("TRIPOD_HTTP_HEADER_TIMEOUT", "10")),
     "HTTP_IDLE_TIMEOUT": float(os.environ.get("TRIPOD_HTTP_IDLE_TIMEOUT", "30")),
@@ -240,7 +240,7 @@ SPECTACULAR_SETTINGS = {
     ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
-    # Swagger UI from this server (tripod/apidocs.py), so /docs works offline and loads nothing from a CDN.
+    # Swagger UI from this server (tripod/api/docs.py), so /docs works offline and loads nothing from a CDN.
     "SWAGGER_UI_DIST": "/docs/ui",
     "SWAGGER_UI_FAVICON_HREF": "/docs/ui/favicon-32x32.png",
     "COMPONENT_SPLIT_REQUEST": True,
@@ -249,9 +249,9 @@ SPECTACULAR_SETTINGS = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "tripod.logs.RequestIDFilter"}},
+    "filters": {"request_id": {"()": "tripod.observability.logs.RequestIDFilter"}},
     "formatters": {
-        "json": {"()": "tripod.logs.JsonFormatter"},
+        "json": {"()": "tripod.observability.logs.JsonFormatter"},
         "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
     },
     "handlers": {

@@ -26,7 +26,7 @@ from django.core import signing
 
 from tripod.conf import config
 from tripod.errors import APIError
-from tripod.redis_connections import connection_options
+from tripod.patches.redis_connections import connection_options
 
 DONE = "[DONE]"
 STREAM_KEY = "tripod:stream:"

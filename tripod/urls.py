@@ -4,7 +4,8 @@ from django.contrib import admin
 from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
-from tripod import apidocs, pages
+from tripod import pages
+from tripod.api import docs as apidocs
 from tripod.api import views
 
 # The API description is public: it holds no secrets and client authors need it before they have a key.

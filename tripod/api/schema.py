@@ -226,9 +226,9 @@ def plain_responses(body: dict, *statuses: int) -> dict:
 
 
 class BearerKeyScheme(OpenApiAuthenticationExtension):
-    """Documents :class:`tripod.auth.BearerKeyAuthentication` as HTTP bearer auth."""
+    """Documents :class:`tripod.accounts.keys.BearerKeyAuthentication` as HTTP bearer auth."""
 
-    target_class = "tripod.auth.BearerKeyAuthentication"
+    target_class = "tripod.accounts.keys.BearerKeyAuthentication"
     name = "ApiKey"
 
     def get_security_definition(self, auto_schema):

@@ -14,12 +14,14 @@ from rest_framework.views import APIView
 
 from consumers import resumable, sse
 from consumers.jobs import GenerationJob, served_models
-from tripod import metrics, readiness, streams, usage
+from tripod import streams
+from tripod.accounts import usage
 from tripod.api import schema
-from tripod.api.asyncview import AsyncAPIView
 from tripod.api.negotiation import IgnoreAccept
 from tripod.conf import config
 from tripod.errors import APIError, InvalidRequest, ModelNotFound
+from tripod.observability import metrics, readiness
+from tripod.patches.drf_async_view import AsyncAPIView
 from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request
 from tripod.responses import completion
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from tripod.engines.grouped_attention import use_packed_gqa
+from tripod.patches.grouped_attention import use_packed_gqa
 
 # With CUDA graphs, each step's attention reads the batch's cached tokens padded up to a multiple of this: transformers'
 # own 16384 (0 asks for it) makes a short stream read many times what it holds; 1,024 costs more captured graphs.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from tripod.auth import KEY_PREFIX, generate_key, hash_key, revoke
+from tripod.accounts.keys import KEY_PREFIX, generate_key, hash_key, revoke
 from tripod.models import APIKey
 
 

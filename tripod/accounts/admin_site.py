@@ -24,7 +24,7 @@ from django.http import HttpRequest, HttpResponse
 class TripodAdminConfig(AdminConfig):
     """``django.contrib.admin`` with :class:`TripodAdminSite` as ``admin.site``."""
 
-    default_site = "tripod.admin_site.TripodAdminSite"
+    default_site = "tripod.accounts.admin_site.TripodAdminSite"
 
 
 class LoginThrottle:

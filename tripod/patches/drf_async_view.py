@@ -21,6 +21,9 @@ from django.utils.functional import classproperty
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+# The requirements this patch was written against; tests/test_patch_pins.py holds requirements.txt to them.
+WRITTEN_AGAINST = {"djangorestframework": "==3.18.3", "channels": "==4.3.2"}
+
 
 class AsyncAPIView(APIView):
     """An ``APIView`` whose handlers are ``async def``; Django awaits its ``dispatch`` on the event loop.

@@ -16,6 +16,9 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+# The requirements this patch was written against; tests/test_patch_pins.py holds requirements.txt to them.
+WRITTEN_AGAINST = {"transformers": "==5.24.0"}
+
 logger = logging.getLogger(__name__)
 
 # Keys per chunk when splitting the keys (0: no split); set by use_packed_gqa.

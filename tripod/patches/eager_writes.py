@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from twisted.internet import tcp
 
+# The requirements this patch was written against; tests/test_patch_pins.py holds requirements.txt to them.
+WRITTEN_AGAINST = {"Twisted": "==26.10.0", "daphne": "==4.2.3"}
+
 
 class EagerServer(tcp.Server):
     """A server-side TCP connection that sends a write at once when its queue is empty."""

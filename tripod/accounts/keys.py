@@ -212,7 +212,7 @@ class BearerKeyAuthentication(BaseAuthentication):
         return authenticate(token), token
 
     async def authenticate_async(self, request) -> tuple[Principal, str | None]:
-        """For :class:`tripod.api.asyncview.AsyncAPIView`: no thread unless the database must be asked."""
+        """For :class:`tripod.patches.drf_async_view.AsyncAPIView`: no thread unless the database must be asked."""
         token = bearer_token(request.META.get("HTTP_AUTHORIZATION"))
         return await authenticate_async(token), token
 

@@ -20,6 +20,9 @@ from copy import deepcopy
 from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 
+# The requirements this patch was written against; tests/test_patch_pins.py holds requirements.txt to them.
+WRITTEN_AGAINST = {"channels": "==4.3.2"}
+
 # A message holding only these is copied with dict(): a delta's copy costs a fifth of a deepcopy.
 _IMMUTABLE = frozenset((str, int, float, bool, bytes, type(None)))
 

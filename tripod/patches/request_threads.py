@@ -19,7 +19,10 @@ from typing import Any
 
 from asgiref.sync import ThreadSensitiveContext
 
-from tripod.logs import REQUEST_ID
+from tripod.observability.logs import REQUEST_ID
+
+# The requirements this patch was written against; tests/test_patch_pins.py holds requirements.txt to them.
+WRITTEN_AGAINST = {"asgiref": "==3.13.0"}
 
 
 class ReusedRequestThreads:

@@ -31,6 +31,9 @@ from twisted.web import http
 from tripod.conf import config
 from tripod.errors import APIError
 
+# The requirements this patch was written against; tests/test_patch_pins.py holds requirements.txt to them.
+WRITTEN_AGAINST = {"daphne": "==4.2.3", "Twisted": "==26.10.0", "autobahn": "==26.11.1"}
+
 logger = logging.getLogger(__name__)
 # Daphne's WebSocket message and frame limit: this much over Tripod's, so that Tripod answers first.
 DAPHNE_WS_MIN_BYTES = 16 * 1024 * 1024

@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from tripod.auth import Principal
+from tripod.accounts.keys import Principal
 from tripod.errors import APIError
 from tripod.protocol import GenerationRequest
 from tripod.registry import get_registry

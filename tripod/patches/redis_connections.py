@@ -23,6 +23,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tripod.job_protocol import JOB_CHANNEL_PREFIX
 
+# The requirements this patch was written against; tests/test_patch_pins.py holds requirements.txt to them.
+WRITTEN_AGAINST = {"channels-redis": "==4.3.0"}
+
 
 def connection_options(read_timeout: float, connect_timeout: float = 1.0) -> dict[str, Any]:
     """Keyword arguments for a redis-py asyncio connection pool or client."""
@@ -56,7 +59,7 @@ class OneKeyRedisChannelLayer(RedisChannelLayer):
 def redis_channel_layer(url: str, queue_timeout: float) -> dict[str, Any]:
     """The ``CHANNEL_LAYERS`` entry of a scaled deployment: channels_redis on ``url``."""
     return {
-        "BACKEND": "tripod.redis_connections.OneKeyRedisChannelLayer",
+        "BACKEND": "tripod.patches.redis_connections.OneKeyRedisChannelLayer",
         "CONFIG": {
             # redis-py 8 reads with a 5 s socket timeout by default, which aborts channels_redis's 5 s
             # blocking BZPOPMIN (django/channels_redis#422): read timeout above it, connects fail fast.

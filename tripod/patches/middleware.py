@@ -17,6 +17,9 @@ from django.contrib.messages import middleware as messages
 from django.contrib.sessions import middleware as sessions
 from django.middleware import clickjacking, common, csrf, security
 
+# The requirements this patch was written against; tests/test_patch_pins.py holds requirements.txt to them.
+WRITTEN_AGAINST = {"Django": ">=5.2,<5.3"}
+
 
 class OnTheLoop:
     """For a ``MiddlewareMixin`` whose ``process_request`` and ``process_response`` do no I/O."""
