@@ -99,7 +99,7 @@ def test_greedy_and_sampled_requests_in_one_batch_keep_their_own_outputs(cb_mode
 def test_the_branch_free_chain_of_a_captured_graph_gives_each_row_the_same(cb_model, monkeypatch, keyed):
     """Under a CUDA graph every row runs the chain, greedy rows with neutral arguments: same tokens as row by row.
 
-    A CPU has no graphs, so this runs the graph's arithmetic eagerly; bench/gpu_checks.py runs it captured.
+    A CPU has no graphs, so this runs the graph's arithmetic eagerly; tripod/bench/gpu_checks.py runs it captured.
     """
     sampling = cb_model.manager.logit_processor
     monkeypatch.setattr(sampling, "captured", True)

@@ -59,6 +59,6 @@ def test_the_bench_sizes_prompts_with_a_random_models_own_tokenizer(tmp_path, mo
 def test_the_shipped_llama_1b_config_has_the_benchmark_shape():
     from tests.processes import ROOT
 
-    config = json.loads((ROOT / "bench" / "llama-3.2-1b.json").read_text())
+    config = json.loads((ROOT / "tripod" / "bench" / "llama-3.2-1b.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (2048, 16, 32)
     assert (config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"]) == (8, 8192, 128256)

@@ -2,12 +2,12 @@
 # CPU comparison on the tiny model, all driven by the same client (python -m tripod.bench) in one run:
 #   Tripod hf and hf-cb against `transformers serve` (with and without continuous batching) at concurrency 16,
 #   a concurrency sweep of Tripod's two engines (for the plot), and the server-overhead ratio (--direct).
-# Usage: bench/cpu_compare.sh OUT_DIR    (needs: pip install -r requirements-bench.txt)
+# Usage: tripod/bench/scripts/cpu_compare.sh OUT_DIR    (needs: pip install -r requirements-bench.txt)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."
 HERE=$(pwd)
-source bench/common.sh
-OUT=${1:?usage: bench/cpu_compare.sh OUT_DIR}
+source tripod/bench/scripts/common.sh
+OUT=${1:?usage: tripod/bench/scripts/cpu_compare.sh OUT_DIR}
 mkdir -p "$OUT"
 LOAD=(--transport sse --prompt-len 128 --output-len 128 --warmup 2 --no-progress --tokenizer "$TINY")
 export TRIPOD_DB_PATH="$(mktemp -d)/db.sqlite3" TRIPOD_LOG_LEVEL=WARNING HF_HUB_OFFLINE=1

@@ -2,8 +2,8 @@
 # GPU benchmark: the server with a random-weight Llama-3.2-1B-shaped model (bf16, no download), 1, 16 and 64
 # concurrent SSE streams of 128-token prompts and 128 output tokens. In this order, so that a device call that runs
 # out of time loses the least:
-#   0. bench/gpu_checks.py: hf-cb's sampling under captured CUDA graphs, each sampling chain's cost, and masked
-#      attention's cost each way (checks.json; GPU_CHECKS="attention_cost ..." picks some);
+#   0. python -m tripod.bench.gpu_checks: hf-cb's sampling under captured CUDA graphs, each sampling chain's cost,
+#      and masked attention's cost each way (checks.json; GPU_CHECKS="attention_cost ..." picks some);
 #   1. hf-cb through the server (CONCURRENCY, greedy as vLLM's bench; then SAMPLED_CONCURRENCY at temperature 1),
 #      then in-process (--direct, DIRECT_CONCURRENCY) for the overhead ratio;
 #   2. hf-cb variants (VARIANTS, default "splitkeys stream1 forcegqa"), each on servers of their own, at 1 and
@@ -16,22 +16,23 @@
 #        (--direct at VARIANT_CONCURRENCY only);
 #      nopackedgqa: TRIPOD_CB_PACKED_GQA=0, transformers' copies of the keys and values for each query head;
 #      scaled: the engine in a process of its own (python -m asgi_worker) behind Redis; REDIS_SERVER names the
-#        binary (default: redis-server, else the one that bench/gpu_wheels.sh packs);
+#        binary (default: redis-server, else the one that gpu_wheels.sh packs);
 #      kvpad16384: TRIPOD_CB_KV_PADDING=0, transformers' own padding of attention to 16,384 cached tokens;
 #   3. short --direct runs under torch.profiler (PROFILE_CONCURRENCY; PROFILE_ENV="ENV=VALUE ..." sets options),
 #      tables in OUT/profile-direct-cC.txt;
 #   4. hf through the server (HF_CONCURRENCY).
-# Usage: bench/gpu.sh OUT_DIR      (JSON per run in OUT_DIR, plus logs; about 7 minutes on an H100 without hf)
+# Usage: tripod/bench/scripts/gpu.sh OUT_DIR   (JSON per run in OUT_DIR, plus logs; about 7 minutes on an H100
+# without hf; it runs from the repository root, so a relative OUT_DIR lies under it)
 # Override MODEL=random:path.json, CONCURRENCY="1 16 64", SAMPLED_CONCURRENCY="1 64", DIRECT_CONCURRENCY="1 64",
 # VARIANTS="splitkeys stream1 forcegqa nopackedgqa scaled kvpad16384", VARIANT_CONCURRENCY=64,
 # PROFILE_CONCURRENCY="1 64" or HF_CONCURRENCY="1 16" ("" skips one) to change the load; PYTHON picks the
 # interpreter. A device returns few files: pack OUT_DIR (tar) into its folder.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${1:?usage: bench/gpu.sh OUT_DIR}
+cd "$(dirname "$0")/../../.."
+OUT=${1:?usage: tripod/bench/scripts/gpu.sh OUT_DIR}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-.venv/bin/python}
-MODEL=${MODEL:-random:bench/llama-3.2-1b.json}
+MODEL=${MODEL:-random:tripod/bench/llama-3.2-1b.json}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 SAMPLED_CONCURRENCY=${SAMPLED_CONCURRENCY-"1 64"}
 HF_CONCURRENCY=${HF_CONCURRENCY-"1 16"}
@@ -89,7 +90,7 @@ run_scaled() {  # name "ENV=VALUE ..." "CONCURRENCIES" budget: Redis, a python -
 }
 
 start=$(date +%s)
-timeout 120 "$PYTHON" -m bench.gpu_checks "$OUT/checks.json" $GPU_CHECKS >"$OUT/checks.log" 2>&1 \
+timeout 120 "$PYTHON" -m tripod.bench.gpu_checks "$OUT/checks.json" $GPU_CHECKS >"$OUT/checks.log" 2>&1 \
     && echo "checks: $OUT/checks.json" || echo "checks: failed or timed out (checks.log)"
 SAMPLED=$SAMPLED_CONCURRENCY run_server hf-cb TRIPOD_ENGINE=hf-cb "$CONCURRENCY" 60
 for c in $DIRECT_CONCURRENCY; do bench direct-hf-cb "$c" 90 --direct --engine hf-cb --slots 64; done

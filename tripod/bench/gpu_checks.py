@@ -1,22 +1,16 @@
 """Checks for a lent GPU that the CPU suite cannot make: hf-cb's sampling under captured CUDA graphs, and its cost.
 
-``sampling_under_graphs`` checks that on ``hf-cb`` with CUDA graphs a seeded request of the tiny model gives the
-same text alone and inside a batch of greedy, seeded, top-k and top-p requests, and that top-k 1 and a tiny nucleus
-give the greedy text. ``chain_cost`` times each sampling chain, captured in a CUDA graph, on the 1B model's padded
-decode logits (64 rows of 128,256), and ``attention_cost`` times one layer's masked attention (32 query heads on 8
-key/value heads, at the cached lengths of 1 and 64 streams) with ``repeat_kv``'s copies against the packed ways
-without them, split keys (``TRIPOD_CB_SPLIT_KEYS``) included, each with its largest difference from the first. What
-they found is in docs/BENCHMARKS.md (GPU).
-
-Usage, from the repository root: python -m bench.gpu_checks OUT.json [CHECK ...]   (about a minute for all; prints
-the JSON too; CHECK names one of sampling_under_graphs, chain_cost, attention_cost)
+``sampling_under_graphs`` checks that a seeded request on ``hf-cb`` with CUDA graphs gives the same text alone as
+inside a batch of greedy, seeded, top-k and top-p requests. ``chain_cost`` and ``attention_cost`` time each sampling
+chain and each way of masked grouped-query attention (split keys included) on the 1B model's decode shapes, eager and
+captured in a CUDA graph. ``scripts/gpu.sh`` runs them first; what they found is in docs/BENCHMARKS.md (GPU).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 import threading
 
 import torch
@@ -174,12 +168,31 @@ def attention_cost(repeats: int = 50) -> dict:
     return results
 
 
-def main() -> None:
-    out = sys.argv[1] if len(sys.argv) > 1 else None
+CHECKS = (sampling_under_graphs, chain_cost, attention_cost)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Where to write the report and which checks to run; an unknown check name is an error, not skipped."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tripod.bench.gpu_checks",
+        description="Run the GPU checks (about a minute for all) and print their JSON report.",
+    )
+    parser.add_argument("out", nargs="?", help="also write the JSON report to this file")
+    names = [check.__name__ for check in CHECKS]
+    parser.add_argument("checks", nargs="*", metavar="CHECK", help=f"of {', '.join(names)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.checks) - set(names))
+    if unknown:
+        parser.error(f"unknown check {', '.join(unknown)}; choose from {', '.join(names)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the chosen checks, each failure reported in its place, and print (and write) the JSON."""
+    args = parse_args(argv)
     report: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    checks = (sampling_under_graphs, chain_cost, attention_cost)
-    chosen = set(sys.argv[2:]) or {check.__name__ for check in checks}
-    for check in (check for check in checks if check.__name__ in chosen):
+    chosen = set(args.checks) or {check.__name__ for check in CHECKS}
+    for check in (check for check in CHECKS if check.__name__ in chosen):
         name = check.__name__
         try:
             report[name] = check()
@@ -187,8 +200,8 @@ def main() -> None:
             report[name] = {"error": repr(error)}
     text = json.dumps(report, indent=2)
     print(text)
-    if out:
-        with open(out, "w") as file:
+    if args.out:
+        with open(args.out, "w") as file:
             file.write(text + "\n")
 
 

@@ -1,14 +1,15 @@
-"""Plot output throughput against concurrency from bench JSON files: ``python bench/plot.py DIR OUT.png``.
+"""Output throughput against concurrency, one line per engine, drawn from the bench's JSON files.
 
-Reads ``tripod-<engine>-c<N>.json`` (as bench/cpu_compare.sh and bench/gpu.sh name them) and draws one line
-per engine.
+It reads the ``tripod-<engine>-c<N>.json`` (or ``<engine>-c<N>.json``) files that ``scripts/cpu_compare.sh`` and
+``scripts/gpu.sh`` write, so that how an engine scales with concurrent streams shows at a glance; the plot in
+docs/BENCHMARKS.md is drawn with it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,5 +47,14 @@ def main(folder: str, out: str) -> None:
     print(f"wrote {out}")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The folder to read and the image to write, from the command line."""
+    parser = argparse.ArgumentParser(prog="python -m tripod.bench.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a folder of bench JSON files")
+    parser.add_argument("out", help="the image to write, e.g. throughput-vs-concurrency.png")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    args = parse_args()
+    main(args.folder, args.out)

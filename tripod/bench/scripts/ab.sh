@@ -4,17 +4,17 @@
 # including the CPU time of each server's main thread (its event loop) per streamed token: under load the loop
 # holds the GIL that the engine's batching thread needs, and this figure is steadier than throughput here.
 #
-# Usage: bench/ab.sh OUT_DIR ROUNDS SPEC [SPEC...]
+# Usage: tripod/bench/scripts/ab.sh OUT_DIR ROUNDS SPEC [SPEC...]
 #   SPEC is "DIR|ENV": a checkout (e.g. a `git worktree` of the commit to compare) and environment
 #   assignments for its server (TRIPOD_ENGINE defaults to hf-cb), or "PEER|FLAGS" for `transformers serve
 #   --continuous-batching` on the same tiny model (FLAGS, e.g. "--cb-max-batch-tokens 256", override its
 #   defaults here). C (16), N (48) and TRANSPORT (sse; ws, rest) set concurrency, requests and transport.
-# Example: git worktree add /tmp/base HEAD~1 && bench/ab.sh var/ab 5 "/tmp/base|" ".|" "PEER|"
+# Example: git worktree add /tmp/base HEAD~1 && tripod/bench/scripts/ab.sh var/ab 5 "/tmp/base|" ".|" "PEER|"
 set -uo pipefail
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${1:?usage: bench/ab.sh OUT_DIR ROUNDS SPEC...}; ROUNDS=${2:?rounds}; shift 2
+HERE=$(cd "$(dirname "$0")/../../.." && pwd)
+OUT=${1:?usage: tripod/bench/scripts/ab.sh OUT_DIR ROUNDS SPEC...}; ROUNDS=${2:?rounds}; shift 2
 mkdir -p "$OUT"
-source "$HERE/bench/common.sh"
+source "$HERE/tripod/bench/scripts/common.sh"
 LOAD=(--transport "${TRANSPORT:-sse}" --prompt-len 128 --output-len 128 --no-progress --tokenizer "$TINY")
 export TRIPOD_LOG_LEVEL=WARNING HF_HUB_OFFLINE=1
 pids=(); ports=(); declare -A peer; i=0
