@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Django's command-line utility for AI Tripod."""
+"""Django's command-line utility for AI Tripod.
+
+It names ``tripod.settings`` as the settings module, so ``runserver`` (daphne's) and Tripod's own commands need
+nothing else configured.
+"""
 
 import os
 import sys

@@ -1,4 +1,8 @@
-"""The ASGI application: HTTP goes to Django, WebSocket to the Channels consumers."""
+"""The ASGI application: HTTP goes to Django, WebSocket to the Channels consumers.
+
+A browser may open a WebSocket only from this server's own pages or those CORS lets call the API, and HTTP requests
+run their synchronous Django code on reused threads (:mod:`tripod.patches.request_threads`).
+"""
 
 from __future__ import annotations
 

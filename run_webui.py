@@ -1,14 +1,10 @@
 #!/usr/bin/env python
 """The seed's Gradio demo: ``python run_webui.py [--server-url URL] [--api-key KEY] [--host H] [--port P]``.
 
-A chat page that is an ordinary client of this server's OpenAI-compatible API, so it runs wherever the
-server can be reached (and works against any OpenAI-compatible server). It streams through the official
-``openai`` SDK rather than hand-parsed SSE: that is what users' own code calls, it already turns every error
-the server sends (a status code, or an error frame mid-stream) into a typed exception, and so the demo is
-also a check that the API is what the SDK expects.
-
-Nothing here reaches past the server it is pointed at: Gradio's analytics and version check are off, the
-run-history page (which can upload runs to the Hugging Face hub) is off, and there is no ``share`` link.
+A chat page that is an ordinary client of this server's OpenAI-compatible API, through the official ``openai`` SDK:
+that is what users' own code calls, it turns every error the server sends into a typed exception, and so the demo
+also checks that the API is what the SDK expects. Nothing here reaches past that server: Gradio's analytics, version
+check, run-history page (which can upload to the Hugging Face hub) and ``share`` link are off.
 """
 
 from __future__ import annotations

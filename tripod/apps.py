@@ -1,3 +1,8 @@
+"""The ``tripod`` app's configuration.
+
+Its ``ready`` reads Tripod's settings once, so that a bad ``TRIPOD_*`` value stops the process at start.
+"""
+
 from django.apps import AppConfig
 
 

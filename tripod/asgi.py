@@ -1,4 +1,8 @@
-"""ASGI entry point: ``daphne tripod.asgi:application``."""
+"""ASGI entry point: ``daphne tripod.asgi:application``.
+
+It wraps :mod:`routing`'s application in the request body limit, refuses an insecure secret key, and installs the
+patches on daphne (eager writes, HTTP limits) before daphne builds its HTTP factory.
+"""
 
 from __future__ import annotations
 

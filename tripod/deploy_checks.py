@@ -1,11 +1,8 @@
 """Startup checks that stop an unsafe deployment before it serves anything.
 
-The built-in ``DJANGO_SECRET_KEY`` signs the admin's sessions and the resumable-stream URLs, so whoever has
-read this repository could forge either. It is allowed, with a warning, only where nobody else can reach the
-server: with ``DJANGO_DEBUG=1``, or in the embedded default (no ``REDIS_URL``) while daphne listens on
-loopback only. Daphne's own list of endpoints (``Server.endpoints``, built from ``-b``/``-p``/``-u``/
-``--fd``/``-e`` by its CLI, or from the address of ``manage.py runserver``) is what it is about to listen
-on, so the check reads it in ``Server.run``, just before the first socket opens.
+The built-in ``DJANGO_SECRET_KEY`` signs the admin's sessions and the resumable-stream URLs, so whoever has read this
+repository could forge either. It is allowed, with a warning, only where nobody else can reach the server: with
+``DJANGO_DEBUG=1``, or in the embedded default (no ``REDIS_URL``) while daphne listens on loopback only.
 """
 
 from __future__ import annotations
@@ -86,6 +83,8 @@ def _check_daphne_endpoints() -> None:
     original = Server.run
 
     def run(self) -> None:
+        # Server.endpoints is what daphne is about to listen on, just before its first socket opens: built from
+        # -b/-p/-u/--fd/-e by its CLI, or from the address of manage.py runserver.
         if not loopback_only(list(self.endpoints)):
             try:
                 refuse(f"this server listens on {', '.join(self.endpoints) or 'nothing'}")

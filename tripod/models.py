@@ -1,4 +1,7 @@
-"""What Tripod keeps in the database: API keys (hashed) and per-key daily usage."""
+"""What Tripod keeps in the database: API keys (hashed) and per-key daily usage.
+
+Usage is one row per key and day, so the table grows with days, not with requests.
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """The built-in chat page at ``/`` and its three assets under ``/ui/``.
 
-Plain Django views, outside the API: the page and its assets hold no data, so they need no key (the page
-asks for one when ``/v1/models`` answers 401). Daphne serves no static files and WhiteNoise has no ASGI
-support, so the assets come from a small view of our own. Only names in :data:`ASSETS` are served: no
-part of the URL reaches the filesystem. Each answer carries an ETag and ``Cache-Control: no-cache``, so
-browsers revalidate and get a 304 while the file is unchanged; the page also links each asset with its
-hash (``/ui/chat.js?v=<hash>``).
+Plain Django views, outside the API: the page and its assets hold no data, so they need no key (the page asks for one
+when ``/v1/models`` answers 401). Daphne serves no static files and WhiteNoise has no ASGI support, so a small view
+serves the names in :data:`ASSETS` and nothing else, each with an ETag so that browsers revalidate.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """The worker registry in Redis: who is alive, which models they serve, who owns which job.
 
-Each worker beats ``tripod:worker:<id>`` (a JSON record) with a short TTL; a missing key is a dead
-worker. The web tier reads it to list models, to decide readiness, and to notice a worker that died
-mid-stream.
-
-A job claim (``tripod:claim:<job id>``) says who owns a job, so that a job sent twice (the web tier sends again a
-job that a stopped worker took) or delivered twice is served once. It holds the id of the worker running the job,
-renewed with each of that worker's heartbeats; then ``!ended`` until the job's queue deadline, past which no copy
-of it may start; or ``!abandoned`` when its client gave up on it, which a worker holding it reads as "stop".
-
-Web processes beat ``tripod:web:<id>`` too, from their first generation on, and name themselves in each
-job: a worker stops the generations of a web process that died (a crash, ``SIGKILL``, a lost host), which
-nobody can read any more, instead of running them to their last token.
+Workers and web processes each beat a key with a short TTL, so a missing key is a dead process: the web tier reads
+the workers' beats to list models, to decide readiness and to notice a worker that died mid-stream, and a worker
+stops the generations of a web process that died. A claim per job makes a job sent or delivered twice run once.
 """
 
 from __future__ import annotations
@@ -34,11 +25,19 @@ from tripod.patches.request_threads import outlive_request
 
 logger = logging.getLogger(__name__)
 
+# Each worker beats WORKER_KEY + its id (a JSON record) with a short TTL.
 WORKER_KEY = "tripod:worker:"
+# Web processes beat WEB_KEY + their id from their first generation on, and name themselves in each job, so that a
+# worker stops the generations of a web process that died (a crash, SIGKILL, a lost host), which nobody can read any
+# more, instead of running them to their last token.
 WEB_KEY = "tripod:web:"
 # This web process, as the jobs it submits name it.
 WEB_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 MODELS_KEY = "tripod:models"
+# A job's claim (CLAIM_KEY + job id) says who owns it, so that a job sent twice (the web tier sends again a job that
+# a stopped worker took) or delivered twice is served once. It holds the id of the worker running the job, renewed
+# with each of that worker's heartbeats; then ENDED until the job's queue deadline, past which no copy of it may
+# start; or ABANDONED when its client gave up on it, which a worker holding it reads as "stop".
 CLAIM_KEY = "tripod:claim:"
 # Claim values that no worker id can be: the job is over, or given up by its client. Neither is ever taken over.
 ENDED = "!ended"

@@ -1,4 +1,8 @@
-"""OpenAI response objects: ``chat.completion``, ``chat.completion.chunk``, ``text_completion``."""
+"""OpenAI response objects: ``chat.completion``, ``chat.completion.chunk``, ``text_completion``.
+
+They are built here alone, so that REST answers, SSE and resumable streams give them the same shape. Plain Python, so
+that engines import it without Django.
+"""
 
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
 """Resumable streams: where a generation's SSE frames are kept so that a reader can leave and come back.
 
-``POST /v1/streams`` starts a generation whose frames are appended here, numbered 1, 2, 3, … as the
-worker produces them; ``GET`` on the stream's signed URL replays them from any position and then follows
-the live ones (:mod:`consumers.resumable`). A frame is the ``data:`` text of one SSE event: a chunk's
-JSON, an error's JSON or ``[DONE]``.
-
-Two stores, one interface: Redis Streams when ``REDIS_URL`` is set (any web process can serve any
-reader, whichever process runs the generation), a dict in this process otherwise. Either keeps a stream
-for ``TRIPOD_STREAM_TTL`` seconds after its last frame. The URL's token is signed with ``SECRET_KEY``
-and names one stream and an expiry; it is the only credential a reader needs, because ``EventSource``
-cannot send headers.
+``POST /v1/streams`` starts a generation whose frames are appended here as the worker produces them, and ``GET`` on
+the stream's signed URL replays them from any position, then follows the live ones (:mod:`consumers.resumable`).
+Either store keeps a stream for ``TRIPOD_STREAM_TTL`` seconds after its last frame: Redis Streams when ``REDIS_URL``
+is set, so that any web process can serve any reader, else a dict in this process.
 """
 
 from __future__ import annotations
@@ -35,6 +29,8 @@ _SALT = "tripod.streams"
 
 @dataclass(frozen=True)
 class Frame:
+    """One SSE event's ``data:`` text (a chunk's JSON, an error's JSON or ``[DONE]``), numbered 1, 2, 3, …"""
+
     id: int
     data: str
 
@@ -67,6 +63,8 @@ def new_stream_id() -> str:
 
 
 # --- signed URLs ---------------------------------------------------------------------------------------
+# A token, signed with SECRET_KEY, names one stream and an expiry. It is the only credential a reader needs,
+# because EventSource cannot send headers.
 
 
 class StreamTokenInvalid(APIError):

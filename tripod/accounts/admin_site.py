@@ -1,11 +1,9 @@
 """The Django admin's site, with a login that locks out repeated failures.
 
-Django's admin login has no limit: a password can be guessed at the speed of the server. Here each failed
-login counts against the client's address and against the username tried; at ``TRIPOD_ADMIN_LOGIN_ATTEMPTS``
-failures within ``TRIPOD_ADMIN_LOGIN_WINDOW`` seconds of the first, further logins from that address or for that
-username get a 429 with ``Retry-After`` until that window ends, without the password being checked. Counts
-live in Django's cache (Redis when ``REDIS_URL`` is set, so every web process shares them), one atomic
-``incr`` per failure. Behind a proxy, run daphne with ``--proxy-headers`` so the address is the client's.
+Django's admin login has no limit, so a password could be guessed at the speed of the server. Here failures count
+per client address and per username, and past ``TRIPOD_ADMIN_LOGIN_ATTEMPTS`` within ``TRIPOD_ADMIN_LOGIN_WINDOW``
+the login answers 429 without checking the password; the counts live in Django's cache, shared through Redis when
+``REDIS_URL`` is set.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Per-key limits: requests per minute, tokens per minute, generations at once.
 
-Sliding windows, so that no 60-second span ever holds more than the limit. With ``REDIS_URL`` the
-counters live in Redis and every check-and-take is one Lua script (atomic across all web processes);
-otherwise they live in this process, under a lock.
-
-Tokens are *reserved* when a request is admitted, for as many as it may use (its prompt and its
-``max_tokens``), and *settled* to its exact usage when it ends. A reservation counts against the limit for
-as long as its request runs (however long that is); a settled request counts for 60 seconds after it ended.
-So a request is admitted only when everything it could use fits beside what is already reserved or spent.
+Windows slide, so that no 60-second span ever holds more than the limit; with ``REDIS_URL`` each check-and-take is
+one Lua script in Redis, atomic across all web processes, else it runs in this process under a lock. Tokens are
+reserved at admission for all a request may use and settled to its exact usage when it ends, so a request is admitted
+only when it fits beside what is already reserved or spent.
 """
 
 from __future__ import annotations
@@ -25,6 +21,8 @@ from tripod.errors import APIError
 from tripod.protocol import GenerationRequest
 from tripod.registry import get_registry
 
+# A token reservation counts against the limit for as long as its request runs, however long that is; a settled
+# request counts for this long after it ended.
 WINDOW_SECONDS = 60.0
 # A generation slot or token reservation held longer than this is assumed leaked (a web process died holding it).
 STREAM_LEASE_SECONDS = 3600.0

@@ -1,4 +1,8 @@
-"""Usage accounting per key and day: one database write per finished request, never one per token."""
+"""Usage accounting per key and day: one database write per finished request, never one per token.
+
+A stream would otherwise write the database for every token it sends. The counts are incremented in SQL (``F()``), so
+concurrent web processes never lose each other's requests.
+"""
 
 from __future__ import annotations
 

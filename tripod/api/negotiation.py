@@ -1,4 +1,8 @@
-"""Content negotiation for the API: OpenAI's endpoints ignore ``Accept``, and so do ours."""
+"""Content negotiation for the API: OpenAI's endpoints ignore ``Accept``, and so do ours.
+
+SSE clients send ``Accept: text/event-stream`` on every request, which DRF's default negotiation would refuse with a
+406.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Request parsing for the API: JSON whatever the Content-Type, with a size cap and clear errors, and only
-text that is valid Unicode."""
+"""Request parsing for the API: JSON whatever the Content-Type, with a size cap and clear errors.
+
+OpenAI accepts a JSON body sent without a JSON Content-Type (``curl -d``), so clients written against it expect the
+same here. Only text that is valid Unicode gets through, so that a lone surrogate cannot fail later as a 500.
+"""
 
 from __future__ import annotations
 

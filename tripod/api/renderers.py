@@ -1,4 +1,7 @@
-"""Response rendering for the API: JSON that is always valid UTF-8."""
+"""Response rendering for the API: JSON that is always valid UTF-8.
+
+An error message may quote a client's invalid text, and rendering it must not fail with a 500 of its own.
+"""
 
 from __future__ import annotations
 

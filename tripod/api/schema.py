@@ -1,4 +1,8 @@
-"""OpenAPI descriptions of the API's bodies (raw JSON Schema, as OpenAI publishes its own)."""
+"""OpenAPI descriptions of the API's bodies (raw JSON Schema, as OpenAI publishes its own).
+
+Bodies are validated by :mod:`tripod.protocol`, not by DRF serializers, so drf-spectacular has nothing to derive them
+from; the views attach these with ``extend_schema``.
+"""
 
 from __future__ import annotations
 

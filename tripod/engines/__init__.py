@@ -1,4 +1,8 @@
-"""Engines behind the ``ChatModel`` contract, and the factory that shares one loaded instance per model."""
+"""Engines behind the ``ChatModel`` contract, and the factory that shares one loaded instance per model.
+
+Loading a model is slow and holds its weights in memory, so each process loads a model once, on first use, and every
+request shares it; an engine's module is imported only when that engine is named.
+"""
 
 from __future__ import annotations
 

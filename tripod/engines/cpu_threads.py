@@ -1,11 +1,8 @@
-"""How many threads torch gets on CPU for ``hf-cb``: every usable core while the rest of the machine is idle, one
-fewer while anything else keeps a core busy (``OMP_NUM_THREADS`` in the environment fixes the number instead).
+"""How many threads torch gets on CPU for ``hf-cb``: every usable core on an idle machine, else one fewer.
 
-Only the batching thread runs the model, and between operators its OpenMP workers spin-wait for each other: on a
-quiet machine every core is worth it, but one worker descheduled by another process stalls the whole pool at every
-operator. So the pool starts one core short, and ``CoreGovernor`` shrinks it as soon as other processes take a third
-of this process's cores (``/proc/stat`` less its own CPU time) and grows it back after three quiet seconds
-(docs/BENCHMARKS.md has the measurements).
+Between operators the batching thread's OpenMP workers spin-wait for each other, so one worker descheduled by another
+process stalls the whole pool at every operator; ``CoreGovernor`` follows the machine's load to avoid that.
+``OMP_NUM_THREADS`` in the environment fixes the number instead (measurements: docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -88,6 +85,8 @@ class CoreGovernor:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cpus, self.most, self.fewest = cpus, most, max(1, most - 1)
+        # One core short at first; back there as soon as other processes take ``busy_above`` of a core on these CPUs
+        # (/proc/stat less this process's own CPU time), and up to ``most`` after ``quiet_samples`` quiet intervals.
         self.threads = self.fewest
         self.interval = interval
         self.busy_above, self.quiet_below, self.quiet_samples = busy_above, quiet_below, quiet_samples

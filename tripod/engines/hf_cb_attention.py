@@ -1,9 +1,8 @@
 """How a continuous batch attends: the key/value padding of captured steps, and grouped heads without copies.
 
-transformers runs a continuous batch as one flattened sequence with a block-diagonal mask, and with a mask its SDPA
-path copies each key/value head for every query head that shares it (``repeat_kv``). On CPU, SDPA's own grouped mode
-takes a mask, so transformers is told to use it; on CUDA that mode falls back to a slow kernel, so
-``grouped_attention`` packs the heads instead (docs/BENCHMARKS.md has the measurements).
+transformers runs a continuous batch as one flattened sequence with a mask, and with a mask its SDPA path copies each
+key/value head for every query head that shares it (``repeat_kv``). On CPU transformers is told to use SDPA's own
+grouped mode; on CUDA, where that mode falls back to a slow kernel, ``grouped_attention`` packs the heads instead.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The text layer every engine shares: stop sequences applied to decoded text, not to tokens."""
+"""The text layer every engine shares: incremental detokenizing, and stop sequences applied to text, not to tokens.
+
+A stop string may span several tokens or part of one, so it can only be matched in decoded text; doing it here, once,
+keeps engines to producing tokens.
+"""
 
 from __future__ import annotations
 

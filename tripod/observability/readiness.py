@@ -1,4 +1,8 @@
-"""What ``/readyz`` checks: the database, the channel layer, and a model that can serve."""
+"""What ``/readyz`` checks: the database, the channel layer, and a model that can serve.
+
+A load balancer or orchestrator sends traffic only where it answers 200. Embedded, the first check starts loading the
+model, so a readiness probe also warms the server.
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
 """DRF's request cycle with ``async def`` handlers, so that a generation request stays on the event loop.
 
-Under ASGI, Django runs a synchronous view in a thread of the request's own, and a DRF view that submits
-a job to the worker has to hop back to the loop to do it and back to the thread again: four hand-overs of
-the GIL per request, each of which can wait a whole switch interval (5 ms) while the engine's batching
-thread holds it. :class:`AsyncAPIView` keeps every part of DRF (its ``Request``, the parsers, the
-authentication and permission classes, throttles, the exception handler, the renderers) and runs them
-on the loop instead. What may block goes to a worker thread: an authenticator without an
-``authenticate_async`` method, and the checks that follow authentication when throttles are configured.
+A synchronous DRF view that submits a job hands the GIL between its thread and the loop four times per request.
+:class:`AsyncAPIView` runs every part of DRF on the loop instead and sends only what may block to a thread
+(docs/architecture.md, "Why each patch").
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Daphne's TCP connections send a chunk at once when nothing is queued ahead of it.
 
-Twisted queues every write and sends it on the reactor's next turn. To do that it registers the socket
-for writability (one ``epoll_ctl``), wakes up, sends, and unregisters the socket (a second
-``epoll_ctl``), all through several layers of Python. A streamed response writes one small chunk per
-token, so under load most of the event loop's work was this dance, and the loop holds the GIL that the
-engine's batching thread needs between steps.
-
-Here a write with nothing queued ahead of it goes to the socket straight away. What the socket does
-not take, and any write while data is queued, goes through Twisted's queue as before, so order, flow
-control and the handling of a lost connection stay Twisted's.
+Twisted sends every write on the reactor's next turn, at two ``epoll_ctl`` calls and several layers of Python per
+write, and a streamed response writes one chunk per token on the event loop the batching thread needs. Why, and what
+stays Twisted's: docs/architecture.md, "Why each patch".
 """
 
 from __future__ import annotations

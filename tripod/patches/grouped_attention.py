@@ -1,11 +1,8 @@
 """Masked grouped-query attention without a copy of the keys and values per query head (``TRIPOD_CB_PACKED_GQA``).
 
-A continuous batch is one sequence with a block-diagonal mask, and with a mask on CUDA transformers' SDPA path copies
-each key/value head once per query head that shares it (``repeat_kv``), since SDPA's own grouped mode would fall back
-to its slowest kernel there. Stacking each key/value head's query heads along the query axis gives the same attention
-without the copies (transformers' own ``pack_gqa`` for one query token, extended to many), so it is on by default on
-CUDA. Opt-in split keys (``TRIPOD_CB_SPLIT_KEYS=N``) cut the keys into chunks run as one batch; docs/BENCHMARKS.md has
-the measurements.
+With a mask on CUDA, transformers' SDPA path copies each key/value head once per query head that shares it; stacking
+each key/value head's query heads along the query axis gives the same attention without the copies. Opt-in split keys
+(``TRIPOD_CB_SPLIT_KEYS=N``) also cut the keys into chunks run as one batch (docs/architecture.md, "Why each patch").
 """
 
 from __future__ import annotations

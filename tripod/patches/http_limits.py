@@ -1,20 +1,8 @@
 """Limits at the edge of HTTP: body size, header size, header and idle timeouts, WebSocket message size.
 
-Daphne hands a request to the application only once Twisted has read all of it, body included, so a limit
-checked in Django comes too late: a 300 MB upload was read to its end (onto disk, RSS up 270 MB) before its
-413, a client could hold a connection open for ever by trickling its headers a byte at a time, and a header
-line over 16 KiB was answered by a silent close. Two layers fix that:
-
-- ``LimitedHTTPFactory`` replaces daphne's HTTP factory (``install()``, called from ``tripod/asgi.py``): its
-  connections refuse a body by its ``Content-Length`` before reading it, stop reading a chunked body at the
-  limit, answer oversized headers with 431, and close a request whose headers take longer than
-  ``TRIPOD_HTTP_HEADER_TIMEOUT`` or whose client goes silent for ``TRIPOD_HTTP_IDLE_TIMEOUT`` (408). The idle
-  timeout is Twisted's own, which stops counting once a request is complete, so a long SSE stream is never
-  cut. It also raises daphne's WebSocket message limit above ``TRIPOD_WS_MAX_FRAME_BYTES``, so that a frame
-  over Tripod's limit reaches the consumer and gets the documented ``frame_too_large`` error frame.
-- ``RequestBodyLimit`` is ASGI middleware, for any server: a 413 from ``Content-Length`` before the body is
-  read, and a body sent without one (``Transfer-Encoding: chunked``) read up to the limit and handed on with
-  its length, because Django and DRF read a body only as far as ``Content-Length`` says (without one, none).
+Daphne hands a request to the application only once Twisted has read all of it, so a limit checked in Django comes
+too late. ``LimitedHTTPFactory`` enforces the limits in daphne's connections while a request arrives, and
+``RequestBodyLimit`` is the body limit as ASGI middleware, for any server (docs/architecture.md, "Why each patch").
 """
 
 from __future__ import annotations
@@ -241,6 +229,8 @@ def _http_factory_class():
         def __init__(self, server) -> None:
             super().__init__(server)
             self.limits = EdgeLimits.from_config()
+            # Twisted's own idle timeout: it stops counting once a request is complete, so a long SSE stream is
+            # never cut.
             self.timeOut = self.limits.idle_timeout or None
             raise_websocket_limits(server, daphne_websocket_limit(config().ws_max_frame_bytes))
 
@@ -309,7 +299,8 @@ class RequestBodyLimit:
             body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
             others = [m for m in messages if m["type"] != "http.request"]
             messages = [{"type": "http.request", "body": body, "more_body": False}, *others]
-            # The body is decoded now: it has a length, and no transfer coding any more.
+            # The body is decoded now: it has a length, and no transfer coding any more. Django and DRF read a body
+            # only as far as Content-Length says (without one, none).
             kept = [(n, v) for n, v in headers if n != b"transfer-encoding"]
             scope = {**scope, "headers": [*kept, (b"content-length", str(size).encode())]}
 

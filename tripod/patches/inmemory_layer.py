@@ -1,14 +1,8 @@
 """The embedded mode's channel layer: channels' ``InMemoryChannelLayer`` without its per-message overheads.
 
-Every ``receive`` of the stock layer sweeps all channels and groups for expired entries, and every send
-and receive builds an ``asyncio.Queue`` that ``setdefault`` then throws away; a queue emptied by a
-receive is dropped, so the next message builds another. A streamed token is one message, so at 64
-streams the sweep ran 64 times per engine step over 64 channels, on the event loop whose GIL the
-batching thread needs between steps.
-
-Here the sweep runs at most once a second (messages expire after a minute or more), and a channel keeps
-its queue while it is in use; the sweep drops the queues that are empty and that nobody waits on.
-Messages are still copied on send, so that sender and receiver never share a dict, as on any layer.
+The stock layer sweeps every channel for expired messages on each ``receive`` and rebuilds a queue per message, and
+each streamed token is one message, on the event loop the batching thread needs. Here the sweep runs on a timer and a
+live channel keeps its queue (docs/architecture.md, "Why each patch").
 """
 
 from __future__ import annotations
@@ -37,7 +31,7 @@ def _copy(message: dict) -> dict:
 class LocalChannelLayer(InMemoryChannelLayer):
     """``InMemoryChannelLayer`` with the expiry sweep on a timer and one queue per live channel."""
 
-    sweep_interval = 1.0  # seconds
+    sweep_interval = 1.0  # seconds; messages expire after a minute or more
     # A cancelled receive leaves its message in the queue (asyncio.Queue.get), so a reader may await it under a
     # timeout instead of keeping a receive task pending.
     receive_is_cancel_safe = True

@@ -1,11 +1,8 @@
 """Django's own middleware, run on the event loop where it does no I/O.
 
-Under ASGI, Django runs every hook of a ``MiddlewareMixin`` middleware through ``sync_to_async``: with the
-six the admin needs, each request (API calls included) went to a thread and back about a dozen times, and
-on a busy server each of those hand-overs waits for the GIL. These subclasses keep Django's behaviour and
-run the hooks directly on the loop, because all of them only read the request and set headers or cookies;
-the one that can touch the database, saving a changed session, still runs on a thread. They stay subclasses
-so that Django's checks (the admin's E408-E410) still find what they look for.
+Under ASGI, Django hands every hook of a ``MiddlewareMixin`` middleware to a thread and back, and on a busy server
+each hand-over waits for the GIL. These subclasses run the hooks on the loop; only saving a changed session still
+goes to a thread (docs/architecture.md, "Why each patch").
 """
 
 from __future__ import annotations
@@ -21,6 +18,8 @@ from django.middleware import clickjacking, common, csrf, security
 WRITTEN_AGAINST = {"Django": ">=5.2,<5.3"}
 
 
+# Each middleware below stays a subclass of Django's own, so that Django's checks (the admin's E408-E410) still
+# find what they look for.
 class OnTheLoop:
     """For a ``MiddlewareMixin`` whose ``process_request`` and ``process_response`` do no I/O."""
 

@@ -1,14 +1,8 @@
 """How Tripod connects to Redis: fail fast while Redis is down, and survive its restart unnoticed.
 
-A pooled connection outlives a Redis restart as a dead socket, and the pool may hand it out before the
-event loop has seen it close: its first command then fails with ``ConnectionError``, although Redis is
-back. Without a retry that failure reached clients (a worker could not claim a job and answered 500, or
-could not send a job's first event and left its client waiting for the queue timeout). One immediate
-retry on a fresh connection hides it; while Redis is down it costs one more refused connect.
-
-The retry covers connection errors only, never read timeouts, so a blocking read (channels_redis's 5 s
-``BZPOPMIN``) is not waited for twice. A command whose reply was lost with its connection may run twice;
-that takes Redis dying at that instant, which loses its data anyway.
+A pooled connection outlives a Redis restart as a dead socket, so every command is retried once on a fresh connection
+after a connection error; and all of a process's local channels share one Redis key, so that one reader serves them
+all. Why each holds: docs/architecture.md, "Why each patch".
 """
 
 from __future__ import annotations
@@ -32,6 +26,8 @@ def connection_options(read_timeout: float, connect_timeout: float = 1.0) -> dic
     return {
         "socket_timeout": read_timeout,
         "socket_connect_timeout": connect_timeout,
+        # One immediate retry on a fresh connection, for connection errors only: never for a read timeout, so a
+        # blocking read is not waited for twice.
         "retry": Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
     }
 

@@ -1,12 +1,8 @@
 """Each HTTP request's synchronous Django code runs on a thread reused from earlier requests.
 
-Under ASGI, asgiref makes a new single-thread executor for every request's ``ThreadSensitiveContext`` (and a
-second thread to join it), and ``Thread.start`` blocks the event loop until the new thread holds the GIL, which
-under load the engine's batching thread has (its cost in time to first token: docs/BENCHMARKS.md, "TTFT under
-load"). Here each request enters a context with an executor lent from a pool, so the thread is reused as a WSGI
-server reuses its threads, and requests still never share a thread while both run. That also makes Django's
-persistent database connections (``CONN_MAX_AGE``) work: the ``request_started``/``request_finished`` receivers
-close a thread's connections when they are too old, as under WSGI.
+asgiref starts new threads for every request, and ``Thread.start`` blocks the event loop until the new thread gets
+the GIL. A pool of warm executors avoids that, and lets Django's persistent database connections work as under WSGI
+(docs/architecture.md, "Why each patch").
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Training runs in the Django admin: read-only, since ``run_train`` writes them."""
+"""Training runs in the Django admin: read-only, since ``run_train`` writes them.
+
+An edited row would disagree with the run it records, so the admin lists, filters and searches them only.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Errors a training run reports to its user before (or instead of) a traceback."""
+"""Errors a training run reports to its user before (or instead of) a traceback.
+
+The user's config or data is at fault, not the code, so each error names what to fix and where (the key, or the file
+and line).
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """Conversations to training examples with the model's own chat template; loss only on assistant tokens.
 
-The text is rendered and tokenized exactly as the server renders a prompt (``apply_chat_template``, no extra
-special tokens), so the trained model sees at serving time the tokens it learned from. The labels keep each
-assistant turn, its end-of-turn token included (that is what teaches the model to stop), and mask the rest.
-
-Templates with ``{% generation %}`` markers give the assistant mask directly. For the others each assistant
-turn is located by rendering the conversation up to it (with the generation prompt) and up to its end.
+The text is rendered and tokenized exactly as the server renders a prompt (``apply_chat_template``, no extra special
+tokens), so the trained model sees at serving time the tokens it learned from. The labels keep each assistant turn,
+its end-of-turn token included (that is what teaches the model to stop), and mask the rest.
 """
 
 from __future__ import annotations
@@ -55,6 +52,8 @@ def assistant_spans(tokenizer, conversation: Conversation) -> tuple[str, list[tu
 
 def encode_conversation(tokenizer, conversation: Conversation) -> tuple[list[int], list[int]]:
     """Token ids and a 0/1 mask of the assistant tokens, as the chat template renders ``conversation``."""
+    # Templates with {% generation %} markers give the assistant mask directly; for the others each assistant turn
+    # is located by rendering the conversation up to it (with the generation prompt) and up to its end.
     if has_generation_markers(tokenizer):
         encoded = tokenizer.apply_chat_template(
             conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True

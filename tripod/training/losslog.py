@@ -1,4 +1,7 @@
-"""The loss log (``trainer_log.jsonl``, one JSON object per logged step) and its plot (``training_loss.png``)."""
+"""The loss log (``trainer_log.jsonl``, one JSON object per logged step) and its plot (``training_loss.png``).
+
+The log is appended to as training runs, so it can be followed live and a run that crashes keeps what it logged.
+"""
 
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ def smoothed(steps: list[float], values: list[float], span: float = 0.1) -> list
     A local linear fit (LOESS with a box kernel) over the nearest ``span`` of the points, in log space when
     every loss is positive: an exponentially decaying loss is a line there, so the fit reproduces it. An
     exponential moving average instead lags the loss by its window, which on a short log is most of the
-    run (fifteen points falling from 8 to 0.03 ended near 0.8 with TensorBoard's 0.9).
+    run.
     """
     logs = all(value > 0 and math.isfinite(value) for value in values)
     ys = [math.log(value) for value in values] if logs else list(values)

@@ -1,4 +1,7 @@
-"""One row per training run: what it was asked to do, how it went, and where its model is."""
+"""One row per training run: what it was asked to do, how it went, and where its model is.
+
+The row is written when training starts and updated as it logs, so a run that crashed still shows how far it got.
+"""
 
 from __future__ import annotations
 

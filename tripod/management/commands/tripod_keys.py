@@ -1,4 +1,7 @@
-"""``python manage.py tripod_keys create|revoke|list``: manage API keys (stored as hashes)."""
+"""``python manage.py tripod_keys create|revoke|list``: manage API keys (stored as hashes).
+
+A new key is printed once, at creation: only its hash is kept, so nothing can show it again.
+"""
 
 from __future__ import annotations
 

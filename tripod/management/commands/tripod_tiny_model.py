@@ -1,4 +1,8 @@
-"""``python manage.py tripod_tiny_model --out DIR``: write the built-in tiny model to a directory."""
+"""``python manage.py tripod_tiny_model --out DIR``: write the built-in tiny model to a directory.
+
+The server builds the same model on first use; written out, it is an ordinary Hugging Face model directory that
+``TRIPOD_MODEL=DIR``, training, or any other tool can load.
+"""
 
 from __future__ import annotations
 

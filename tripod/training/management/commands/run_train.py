@@ -1,4 +1,8 @@
-"""``python manage.py run_train --config path.yaml [key=value ...]``: supervised fine-tuning from a YAML config."""
+"""``python manage.py run_train --config path.yaml [key=value ...]``: supervised fine-tuning from a YAML config.
+
+Every bad key or value is reported before anything loads, so a typo costs nothing; ``--check`` also reads the dataset
+and trains nothing.
+"""
 
 from __future__ import annotations
 
