@@ -125,7 +125,7 @@ async def test_stream_interval_setting_merges_sse_chunks(chat_model, settings, m
     body = chat_body(max_tokens=TOKENS, stream=True, temperature=0)
     with slow_forwards(chat_model, 0.01):
         plain = await _sse_contents(body)
-        monkeypatch.setattr("consumers.jobs.STREAM_HOLD_SECONDS", 60)
+        monkeypatch.setattr("consumers.job_admission.STREAM_HOLD_SECONDS", 60)
         settings.TRIPOD = {**settings.TRIPOD, "STREAM_INTERVAL": 4}
         merged = await _sse_contents(body)
     assert "".join(merged) == "".join(plain)
@@ -151,7 +151,7 @@ def worker_sends(monkeypatch) -> list[dict]:
 async def test_a_rest_request_costs_two_deltas_and_loses_no_text(chat_model, monkeypatch, worker_sends):
     streamed = "".join(await _sse_contents(chat_body(max_tokens=TOKENS, stream=True, temperature=0)))
     worker_sends.clear()
-    monkeypatch.setattr("consumers.jobs.UNSTREAMED_HOLD_SECONDS", 60)
+    monkeypatch.setattr("consumers.job_admission.UNSTREAMED_HOLD_SECONDS", 60)
     with slow_forwards(chat_model, 0.01):
         exchange = HTTPExchange(application, "/v1/chat/completions", chat_body(max_tokens=TOKENS, temperature=0))
         assert await exchange.start() == 200
