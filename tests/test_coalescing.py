@@ -75,7 +75,7 @@ async def test_an_interval_merges_deltas_after_the_first_and_keeps_every_token(c
     [(0, 1), (1, 1), (16, 1), (17, 2), (32, 2), (33, 3), (48, 3), (49, 4), (64, 4), (500, 4)],
 )
 def test_the_auto_interval_grows_by_a_token_for_each_sixteen_generations_up_to_four(generations, interval):
-    from asgi_worker.loop import auto_stream_interval
+    from asgi_worker.serve import auto_stream_interval
 
     assert auto_stream_interval(generations) == interval
 
@@ -86,7 +86,7 @@ async def test_the_auto_interval_follows_the_workers_load(chat_model, monkeypatc
     with slow_forwards(chat_model, 0.01):
         plain = deltas(await worker_events(chat_model))
         alone = deltas(await worker_events(chat_model, stream_interval="auto", stream_hold=60))
-        monkeypatch.setattr("asgi_worker.loop.AUTO_STREAMS_PER_TOKEN", 0.25)
+        monkeypatch.setattr("asgi_worker.serve.AUTO_STREAMS_PER_TOKEN", 0.25)
         loaded_events = await worker_events(chat_model, stream_interval="auto", stream_hold=60)
     loaded = deltas(loaded_events)
     assert [d["tokens"] for d in alone] == [d["tokens"] for d in plain]

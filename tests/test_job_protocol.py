@@ -211,6 +211,7 @@ async def test_a_worker_answers_a_job_of_another_version_with_protocol_mismatch_
 
 async def test_a_worker_answers_a_job_it_cannot_read_instead_of_failing_on_a_missing_key():
     from asgi_worker.loop import Worker
+    from asgi_worker.serve import serve
     from tripod.patches.inmemory_layer import LocalChannelLayer
 
     layer = LocalChannelLayer()
@@ -218,7 +219,7 @@ async def test_a_worker_answers_a_job_it_cannot_read_instead_of_failing_on_a_mis
     reply = await layer.new_channel("tripod.reply.")
     message = raw_job(reply)
     del message["params"]
-    await worker._serve(message)
+    await serve(worker, message)
     event = await asyncio.wait_for(layer.receive(reply), 5)
     assert (event["type"], event["status"], event["code"]) == ("generate.error", 500, "protocol_error"), event
     assert "'params'" in event["message"]
