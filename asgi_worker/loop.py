@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
 
 from asgi_worker.pull import Claims, pull_jobs
 from asgi_worker.report import heartbeat, watch_readers
@@ -113,9 +112,9 @@ class Worker:
                     self._model = await asyncio.get_running_loop().run_in_executor(self.executor, self.load_model)
         return self._model
 
-    def beat(self) -> dict[str, Any]:
+    def beat(self) -> wire.WorkerBeat:
         """What this worker's heartbeat says of it now."""
-        beat = wire.WorkerBeat(
+        return wire.WorkerBeat(
             id=self.id,
             model=self.model_name,
             engine=self.engine,
@@ -126,7 +125,6 @@ class Worker:
             pid=os.getpid(),
             draining=self._stopping.is_set(),
         )
-        return beat.to_record()
 
     async def _start_background(self) -> list[asyncio.Task]:
         """The cancel listener and, scaled, the heartbeat and the watch on web processes."""

@@ -7,6 +7,7 @@ The round trips and strictness are unit tests of ``tripod/job_protocol.py``; the
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -151,6 +152,23 @@ def test_an_error_event_rebuilds_the_api_error():
         "model",
         "Redis is down",
     )
+
+
+BEAT = wire.WorkerBeat("w1", "tiny", "hf", 4, 1, "tripod.worker.x", "host", 7, draining=False)
+
+
+def test_a_heartbeat_record_survives_encode_json_decode_and_reads_without_a_type():
+    record = json.loads(json.dumps({**wire.encode(BEAT), "last_beat": 1.0}))  # what the registry stores
+    assert wire.decode(record, wire.WorkerBeat) == BEAT
+    del record["type"]  # a worker of before the heartbeat had one
+    assert wire.decode(record, wire.WorkerBeat) == BEAT
+    with pytest.raises(wire.ProtocolError, match="Unknown job protocol message type"):
+        wire.decode(record)  # never a channel layer message
+    with pytest.raises(wire.ProtocolError, match="has the type 'generate.delta'"):
+        wire.decode({**record, "type": "generate.delta"}, wire.WorkerBeat)
+    del record["slots"]
+    with pytest.raises(wire.ProtocolError, match="lacks its required key 'slots'"):
+        wire.decode(record, wire.WorkerBeat)
 
 
 def raw_job(reply: str, **fields) -> dict:

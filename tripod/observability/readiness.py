@@ -1,4 +1,8 @@
-"""What ``/readyz`` checks: the database, the channel layer, and a model that can serve."""
+"""What ``/readyz`` checks: the database, the channel layer, and a model that can serve.
+
+Embedded, the model is the web process's own, and the first check starts loading it; scaled, the process is ready
+once Redis answers and at least one worker's heartbeat is live (the models are read from those heartbeats).
+"""
 
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ async def _workers() -> dict[str, Any]:
     except REGISTRY_ERRORS as exc:
         return {"ok": False, "error": f"Redis unreachable: {exc}"}
     workers = await registry.workers()
-    models = sorted({w["model"] for w in workers})
+    models = sorted({worker.model for worker in workers})
     return {
         "ok": bool(workers),
         "workers": len(workers),
