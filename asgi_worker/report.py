@@ -36,7 +36,7 @@ async def send_event(layer: Any, reply_channel: str, event: wire.Message) -> boo
 
 async def heartbeat(
     registry: WorkerRegistry,
-    record: Callable[[], dict[str, Any]],
+    beat: Callable[[], wire.WorkerBeat],
     join_group: Callable[[], Awaitable[None]],
     claims: Claims,
     runs: Runs,
@@ -45,7 +45,7 @@ async def heartbeat(
     """Beat every ``interval``; stop the jobs whose claim this worker lost (given up while it was stopped)."""
     while True:
         try:
-            await registry.beat(record())
+            await registry.beat(beat())
             # Refresh group membership too: a restarted Redis has forgotten it.
             await join_group()
             for job_id in await claims.renew():

@@ -1,137 +1,126 @@
-"""Getting a job admitted: the rate-limit lease, the send to the model's job channel, the wait for a worker.
+"""Admitting a job: the checks before it is sent (its model, its token cap, its key's rate limits), the job a
+worker receives, and the worker's ``Started`` that admits it.
 
-Scaled, a job taken by a worker that stopped before starting it is sent again (same id: its claim lets only one
-worker run it), and a job its client gives up on is marked abandoned so that no worker starts it.
+``GenerationJob.start()`` runs ``admit``; the queue (``job_queue``) carries the job to a worker. Once the worker
+has counted the prompt, the lease holds exactly what the job may use.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from channels.exceptions import ChannelFull
-
+from consumers.job_queue import QueuedJob, layer_down
+from consumers.served_models import resolve_model
 from tripod import job_protocol as wire
-from tripod.accounts.ratelimit import Lease
-from tripod.errors import ServiceUnavailable, channel_layer_unavailable
-from tripod.registry import CLAIM_MARGIN_SECONDS, REGISTRY_ERRORS, get_registry
+from tripod.accounts import ratelimit
+from tripod.conf import config
+from tripod.errors import EngineFailure, InvalidRequest, ServiceUnavailable
+from tripod.observability.metrics import RequestMetrics
+from tripod.protocol import SamplingParams
+from tripod.registry import REGISTRY_ERRORS, get_registry
 
-# The job client's log lines keep one logger name, whichever of its modules writes them.
-logger = logging.getLogger("consumers.jobs")
-# Scaled: how often a job is sent again because the worker that took it stopped before starting it.
-MAX_RESENDS = 3
+if TYPE_CHECKING:
+    from consumers.jobs import GenerationJob
+
+# A streamed delta held back to gather TRIPOD_STREAM_INTERVAL tokens goes out once this much older than the last.
+STREAM_HOLD_SECONDS = 0.5
+# The longest a worker holds back the text of a reply that is not streamed.
+UNSTREAMED_HOLD_SECONDS = 1.0
 
 
-def layer_down(exc: BaseException) -> ServiceUnavailable:
-    """The 503 for a channel layer (Redis) that failed under a request, logged once here."""
-    logger.warning("channel layer unavailable: %r", exc, exc_info=exc)
-    return channel_layer_unavailable(exc)
+async def admit(job: GenerationJob) -> None:
+    """Check the request, take its lease, send it and wait until a worker has started it; errors raise ``APIError``."""
+    cfg = config()
+    job.model = await resolve_model(job.request.model)
+    _check_cap(job.request.params, cfg.max_tokens_cap)
+    try:
+        job.lease = await ratelimit.admit(job.principal, job.request, cfg.max_tokens_cap)
+    except REGISTRY_ERRORS as exc:
+        raise layer_down(exc) from None
+    if cfg.inline_worker:
+        from asgi_worker.inline import ensure_inline_worker
+
+        ensure_inline_worker()
+    try:
+        job.queued = QueuedJob(job.layer, await _wire_job(job, cfg), job.next_event)
+        job.metrics = RequestMetrics(job.model, job.transport)
+        job.metrics.waiting()
+        await job.queued.send()
+        started = _accept(job, await job.queued.wait(cfg), cfg)
+        await _reserve_exactly(job, started.max_tokens or job.request.params.max_tokens)
+    except REGISTRY_ERRORS as exc:
+        job.finished = True
+        raise layer_down(exc) from None
 
 
-async def reserve_exactly(lease: Lease | None, prompt_tokens: int, max_tokens: int | None) -> None:
+def _check_cap(params: SamplingParams, cap: int) -> None:
+    """A ``max_tokens`` above the server's cap is refused; an open-ended request is capped by the worker."""
+    if cap and params.max_tokens is not None and params.max_tokens > cap:
+        raise InvalidRequest(
+            f"'max_tokens' is {params.max_tokens}; this server allows at most {cap}.",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
+
+
+async def _wire_job(job: GenerationJob, cfg) -> wire.Job:
+    """The job as its worker receives it, with the reply channel it answers on."""
+    reply_channel = await job.events.open()
+    chat = job.request.kind == "chat"
+    registry = get_registry()
+    return wire.Job(
+        id=job.id,
+        request_id=job.request_id,
+        reply_channel=reply_channel,
+        model=job.model,
+        params=job.request.params,
+        messages=job.request.messages if chat else None,
+        prompt=None if chat else job.request.prompt,
+        max_prompt_tokens=cfg.max_prompt_tokens or None,
+        max_tokens_cap=cfg.max_tokens_cap or None,
+        deadline=time.time() + cfg.queue_timeout,
+        # Scaled: name this web process, so that its workers stop the job if the process dies.
+        web=await registry.ensure_web_heartbeat(cfg.heartbeat_interval) if registry is not None else None,
+        **_coalescing(job.transport, cfg),
+    )
+
+
+def _coalescing(transport: str, cfg) -> dict[str, Any]:
+    """How the worker may merge deltas (``TokenStream.deltas_async``): tokens per delta after the first, and the
+    longest a delta may be held back for that. A reply that is not streamed needs only the first delta (its time
+    to first token) and a sign of life well within the event timeout; its text can come at the end."""
+    if transport == "rest":
+        return {"stream_interval": 0, "stream_hold": min(UNSTREAMED_HOLD_SECONDS, cfg.event_timeout / 4)}
+    return {"stream_interval": cfg.stream_interval, "stream_hold": min(STREAM_HOLD_SECONDS, cfg.event_timeout / 4)}
+
+
+def _accept(job: GenerationJob, event: wire.Message | None, cfg) -> wire.Started:
+    """The worker's first event: ``Started`` admits the job (from now on cancels go to its worker), else it failed."""
+    if event is None:
+        raise ServiceUnavailable(
+            f"No worker for model '{job.model}' accepted the request within {cfg.queue_timeout:g} s.",
+            code="no_worker_available",
+        )
+    if isinstance(event, wire.Error):
+        job.finished = True
+        raise event.to_error()
+    if not isinstance(event, wire.Started):
+        raise EngineFailure(f"Unexpected event from the worker: {event.TYPE}", code="protocol_error")
+    job.worker = event.worker
+    job.control_channel = event.control
+    job.prompt_tokens = int(event.prompt_tokens)
+    job.admitted_at = time.monotonic()
+    job.metrics.admitted(job.admitted_at - job.created)
+    return event
+
+
+async def _reserve_exactly(job: GenerationJob, max_tokens: int | None) -> None:
     """Now that the worker has counted the prompt, hold exactly what the job may use (prompt + its token
     budget) instead of the web side's bound; when that is more and does not fit, the job is refused (429)."""
-    if lease is None or not max_tokens:
+    if job.lease is None or not max_tokens:
         return
     try:
-        await lease.resize(prompt_tokens + int(max_tokens))
+        await job.lease.resize(job.prompt_tokens + int(max_tokens))
     except REGISTRY_ERRORS:
         pass  # keep the bound taken at admission
-
-
-class Admission:
-    """One job on its way to a worker: sent, re-sent when lost before it started, or given up."""
-
-    def __init__(self, layer: Any, job: wire.Job, next_event: Callable[[float], Awaitable[wire.Message | None]]):
-        self.layer = layer
-        self.job = job
-        self._next_event = next_event
-        # When it was last sent (wall time), since when it has looked lost, how often it was sent again.
-        self._sent_at = 0.0
-        self._unclaimed_since: float | None = None
-        self._resends = 0
-
-    async def send(self) -> None:
-        """Put the job on its model's job channel; a full channel is a 503 ``queue_full``."""
-        try:
-            await self.layer.send(wire.job_channel(self.job.model), wire.encode(self.job))
-        except ChannelFull:
-            raise ServiceUnavailable(
-                f"Too many requests are waiting for model '{self.job.model}'; retry later.", code="queue_full"
-            ) from None
-        self._sent_at = time.time()
-        self._unclaimed_since = None
-
-    async def wait(self, cfg) -> wire.Message | None:
-        """The worker's first event; scaled, give up early once no worker of the model is alive, and send the job
-        again when the worker that took it stopped before starting it."""
-        registry = get_registry()
-        deadline = time.monotonic() + cfg.queue_timeout
-        orphaned_since = None
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            event = await self._next_event(min(left, 1.0) if registry else left)
-            if event is not None:
-                return event
-            if registry is not None:
-                if self.job.model in await registry.live_models():
-                    orphaned_since = None
-                elif orphaned_since is None:
-                    orphaned_since = time.monotonic()
-                elif time.monotonic() - orphaned_since > cfg.no_worker_wait:
-                    raise ServiceUnavailable(
-                        f"No live worker serves the model '{self.job.model}' any more.",
-                        param="model",
-                        code="no_worker_available",
-                    )
-                if await self._lost_before_start(registry, cfg):
-                    await self._send_again()
-
-    async def _lost_before_start(self, registry, cfg) -> bool:
-        """Whether no live worker has this job: it left the queue but nobody claimed it for ``worker_ttl``, or the
-        worker that claimed it stopped beating. A stopped worker may have taken it (a ``SIGSTOP`` during its
-        blocking read: Redis hands the job to a process that cannot run), or lost it (that read timed out).
-        """
-        try:
-            if not await registry.left_queue(
-                getattr(self.layer, "prefix", "asgi") + wire.job_channel(self.job.model), self._sent_at
-            ):
-                self._unclaimed_since = None
-                return False  # still waiting its turn
-            holder = await registry.claim_holder(self.job.id)
-            if holder is None:
-                now = time.monotonic()
-                if self._unclaimed_since is None:
-                    self._unclaimed_since = now
-                return now - self._unclaimed_since >= cfg.worker_ttl
-            self._unclaimed_since = None
-            return not holder.startswith("!") and not await registry.alive(holder)
-        except REGISTRY_ERRORS:
-            return False  # Redis itself is down: the queue timeout still bounds the wait
-
-    async def _send_again(self) -> None:
-        """Send the job again, same id: its claim lets only one worker run it, whichever copy it pulls."""
-        if self._resends >= MAX_RESENDS:
-            await self.give_up()
-            raise ServiceUnavailable(
-                f"The workers that took this request stopped before starting it, {self._resends + 1} times.",
-                code="worker_lost",
-            )
-        self._resends += 1
-        logger.warning("job %s: taken by a worker that stopped before starting it; sending it again", self.job.id)
-        await self.send()
-
-    async def give_up(self, keep: float | None = None) -> None:
-        """Scaled: mark this job abandoned, so that no worker starts it and a worker that holds it stops it."""
-        registry = get_registry()
-        if registry is None:
-            return
-        keep = max(self.job.deadline - time.time(), 0.0) + CLAIM_MARGIN_SECONDS if keep is None else keep
-        try:
-            await registry.abandon(self.job.id, keep)
-        except REGISTRY_ERRORS as exc:
-            logger.warning("job %s: could not mark it abandoned: %s", self.job.id, exc)

@@ -43,7 +43,7 @@ async def fair_share(model: str) -> int:
             workers = await registry.workers()
         except REGISTRY_ERRORS:
             workers = []  # the job itself reports the outage
-        slots = sum(int(w.get("slots", 0)) for w in workers if w.get("model") == model and not w.get("draining"))
+        slots = sum(worker.slots for worker in workers if worker.model == model and not worker.draining)
     return max(1, min(cfg.ws_max_inflight, slots // 2))
 
 

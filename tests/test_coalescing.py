@@ -75,7 +75,7 @@ async def test_an_interval_merges_deltas_after_the_first_and_keeps_every_token(c
     [(0, 1), (1, 1), (16, 1), (17, 2), (32, 2), (33, 3), (48, 3), (49, 4), (64, 4), (500, 4)],
 )
 def test_the_auto_interval_grows_by_a_token_for_each_sixteen_generations_up_to_four(generations, interval):
-    from asgi_worker.loop import auto_stream_interval
+    from asgi_worker.serve import auto_stream_interval
 
     assert auto_stream_interval(generations) == interval
 
@@ -86,7 +86,7 @@ async def test_the_auto_interval_follows_the_workers_load(chat_model, monkeypatc
     with slow_forwards(chat_model, 0.01):
         plain = deltas(await worker_events(chat_model))
         alone = deltas(await worker_events(chat_model, stream_interval="auto", stream_hold=60))
-        monkeypatch.setattr("asgi_worker.loop.AUTO_STREAMS_PER_TOKEN", 0.25)
+        monkeypatch.setattr("asgi_worker.serve.AUTO_STREAMS_PER_TOKEN", 0.25)
         loaded_events = await worker_events(chat_model, stream_interval="auto", stream_hold=60)
     loaded = deltas(loaded_events)
     assert [d["tokens"] for d in alone] == [d["tokens"] for d in plain]
@@ -125,7 +125,7 @@ async def test_stream_interval_setting_merges_sse_chunks(chat_model, settings, m
     body = chat_body(max_tokens=TOKENS, stream=True, temperature=0)
     with slow_forwards(chat_model, 0.01):
         plain = await _sse_contents(body)
-        monkeypatch.setattr("consumers.jobs.STREAM_HOLD_SECONDS", 60)
+        monkeypatch.setattr("consumers.job_admission.STREAM_HOLD_SECONDS", 60)
         settings.TRIPOD = {**settings.TRIPOD, "STREAM_INTERVAL": 4}
         merged = await _sse_contents(body)
     assert "".join(merged) == "".join(plain)
@@ -151,7 +151,7 @@ def worker_sends(monkeypatch) -> list[dict]:
 async def test_a_rest_request_costs_two_deltas_and_loses_no_text(chat_model, monkeypatch, worker_sends):
     streamed = "".join(await _sse_contents(chat_body(max_tokens=TOKENS, stream=True, temperature=0)))
     worker_sends.clear()
-    monkeypatch.setattr("consumers.jobs.UNSTREAMED_HOLD_SECONDS", 60)
+    monkeypatch.setattr("consumers.job_admission.UNSTREAMED_HOLD_SECONDS", 60)
     with slow_forwards(chat_model, 0.01):
         exchange = HTTPExchange(application, "/v1/chat/completions", chat_body(max_tokens=TOKENS, temperature=0))
         assert await exchange.start() == 200

@@ -7,6 +7,7 @@ The round trips and strictness are unit tests of ``tripod/job_protocol.py``; the
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -153,6 +154,23 @@ def test_an_error_event_rebuilds_the_api_error():
     )
 
 
+BEAT = wire.WorkerBeat("w1", "tiny", "hf", 4, 1, "tripod.worker.x", "host", 7, draining=False)
+
+
+def test_a_heartbeat_record_survives_encode_json_decode_and_reads_without_a_type():
+    record = json.loads(json.dumps({**wire.encode(BEAT), "last_beat": 1.0}))  # what the registry stores
+    assert wire.decode(record, wire.WorkerBeat) == BEAT
+    del record["type"]  # a worker of before the heartbeat had one
+    assert wire.decode(record, wire.WorkerBeat) == BEAT
+    with pytest.raises(wire.ProtocolError, match="Unknown job protocol message type"):
+        wire.decode(record)  # never a channel layer message
+    with pytest.raises(wire.ProtocolError, match="has the type 'generate.delta'"):
+        wire.decode({**record, "type": "generate.delta"}, wire.WorkerBeat)
+    del record["slots"]
+    with pytest.raises(wire.ProtocolError, match="lacks its required key 'slots'"):
+        wire.decode(record, wire.WorkerBeat)
+
+
 def raw_job(reply: str, **fields) -> dict:
     """A job as a web process sends it, written out by hand: no help from the module under test."""
     params = {
@@ -211,6 +229,7 @@ async def test_a_worker_answers_a_job_of_another_version_with_protocol_mismatch_
 
 async def test_a_worker_answers_a_job_it_cannot_read_instead_of_failing_on_a_missing_key():
     from asgi_worker.loop import Worker
+    from asgi_worker.serve import serve
     from tripod.patches.inmemory_layer import LocalChannelLayer
 
     layer = LocalChannelLayer()
@@ -218,7 +237,7 @@ async def test_a_worker_answers_a_job_it_cannot_read_instead_of_failing_on_a_mis
     reply = await layer.new_channel("tripod.reply.")
     message = raw_job(reply)
     del message["params"]
-    await worker._serve(message)
+    await serve(worker, message)
     event = await asyncio.wait_for(layer.receive(reply), 5)
     assert (event["type"], event["status"], event["code"]) == ("generate.error", 500, "protocol_error"), event
     assert "'params'" in event["message"]

@@ -376,14 +376,13 @@ class _Registry:
     ],
 )
 async def test_a_web_process_must_be_missing_twice_before_its_jobs_stop(answers, stopped):
-    from asgi_worker.loop import Worker
-    from tripod.patches.inmemory_layer import LocalChannelLayer
+    from asgi_worker.report import watch_readers
+    from asgi_worker.run import Runs
 
-    worker = Worker(LocalChannelLayer(), "tripod.generate.t", lambda: None, 1, registry=_Registry(*answers))
-    worker.heartbeat_interval = 0.01
+    runs = Runs()
     stream = _Stream()
-    worker.running["job"], worker._readers["job"] = stream, "web-a"
-    watcher = asyncio.create_task(worker._watch_readers())
+    runs.running["job"], runs.readers["job"] = stream, "web-a"
+    watcher = asyncio.create_task(watch_readers(_Registry(*answers), runs, 0.01))
     await asyncio.sleep(0.1)
     watcher.cancel()
     assert stream.cancelled is stopped
@@ -423,6 +422,7 @@ class _RedisDownRegistry:
 
 async def test_a_claim_that_redis_fails_answers_503_not_an_engine_error():
     from asgi_worker.loop import Worker
+    from asgi_worker.serve import serve
     from tripod import job_protocol as wire
     from tripod.patches.inmemory_layer import LocalChannelLayer
     from tripod.protocol import SamplingParams
@@ -431,7 +431,7 @@ async def test_a_claim_that_redis_fails_answers_503_not_an_engine_error():
     worker = Worker(layer, "tripod.generate.t", lambda: None, 1, registry=_RedisDownRegistry())
     reply = await layer.new_channel("tripod.reply.")
     job = wire.Job("job-1", reply, "t", SamplingParams(), time.time() + 60, prompt="hi")
-    await worker._serve(wire.encode(job))
+    await serve(worker, wire.encode(job))
     event = await layer.receive(reply)
     assert event["type"] == wire.Error.TYPE
     assert (event["status"], event["code"]) == (503, "channel_layer_unavailable"), event

@@ -7,6 +7,7 @@ Real processes throughout: a private ``redis-server``, daphne and ``python -m as
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import signal
@@ -163,12 +164,13 @@ async def test_claims_of_ended_jobs_outlive_only_the_queue_timeout(cluster):
 
 async def test_claims_decide_who_runs_a_job(redis_server):
     """The claim a worker takes, renews, loses and ends, on a real Redis."""
+    from tripod import job_protocol as wire
     from tripod.registry import WorkerRegistry
 
     registry = WorkerRegistry(redis_server.url, ttl=1)
     client = redis_client.Redis.from_url(redis_server.url)
-    await registry.beat({"id": "worker-a", "model": "tiny"})
-    await registry.beat({"id": "worker-b", "model": "tiny"})
+    for worker_id in ("worker-a", "worker-b"):
+        await registry.beat(wire.WorkerBeat(worker_id, "tiny", "hf", 1, 0, None, "host", 1, draining=False))
     assert await registry.claim("job-1", "worker-a")
     assert not await registry.claim("job-1", "worker-b"), "a live worker's claim holds"
     assert 0 < client.pttl("tripod:claim:job-1") <= 10_000
@@ -189,3 +191,23 @@ async def test_claims_decide_who_runs_a_job(redis_server):
     assert await registry.claim("job-3", "worker-b")
     await registry.release("job-3", "worker-b", deadline=time.time() - 60)
     assert client.exists("tripod:claim:job-3") == 0, "past its deadline no copy can start: no key at all"
+
+
+async def test_the_registry_reads_each_heartbeat_as_a_worker_beat(redis_server):
+    """Beats decode into ``WorkerBeat``: one written before the record had a ``type`` too, one that is not a beat
+    is skipped (not a 500 on every request that asks for the live models)."""
+    from tripod import job_protocol as wire
+    from tripod.registry import WorkerRegistry
+
+    registry = WorkerRegistry(redis_server.url, ttl=5)
+    client = redis_client.Redis.from_url(redis_server.url)
+    beat = wire.WorkerBeat("worker-a", "tiny", "hf", 4, 1, "tripod.worker.a", "host", 7, draining=True)
+    await registry.beat(beat)
+    older = dataclasses.replace(beat, id="worker-b", model="other")
+    record = wire.encode(older)
+    del record["type"]
+    client.set("tripod:worker:worker-b", json.dumps(record), px=5000)
+    client.set("tripod:worker:worker-c", json.dumps({"id": "worker-c"}), px=5000)
+    assert sorted(await registry.workers(), key=lambda worker: worker.id) == [beat, older]
+    assert await registry.live_models() == {"tiny", "other"}
+    assert await registry.alive("worker-b") and not await registry.alive("worker-c")

@@ -1,10 +1,10 @@
 """The job protocol: every message that crosses the channel layer between web processes and workers.
 
 Scaled, web and worker processes are deployed separately, so what they exchange is a versioned contract kept here
-and nowhere else: the channel names, one frozen dataclass per message, and the only ``encode`` (to a msgpack-able
-dict) and ``decode`` (strict: a missing required key raises ``ProtocolError``). docs/architecture.md ("The job
-protocol") says how the version moves in a rolling upgrade. This module imports nothing of Django: the settings
-read its channel names.
+and nowhere else: the channel names, one frozen dataclass per message and one for the workers' heartbeat record,
+and the only ``encode`` (to a msgpack-able dict) and ``decode`` (strict: a missing required key raises
+``ProtocolError``). docs/architecture.md ("The job protocol") says how the version moves in a rolling upgrade.
+This module imports nothing of Django: the settings read its channel names.
 """
 
 from __future__ import annotations
@@ -166,8 +166,11 @@ class WorkerBeat:
     """What a worker's heartbeat says of it (scaled: a JSON record in the registry, read by every web process).
 
     Not a channel layer message, but the same contract: web processes route by ``model``, count ``slots`` of the
-    workers not ``draining``, and send cancels to ``control``.
+    workers not ``draining``, and send cancels to ``control``. Its registry key says what it is, so a record
+    without ``type`` (written by a worker of before the record had one) reads the same: ``decode(record, WorkerBeat)``.
     """
+
+    TYPE: ClassVar[str] = "worker.beat"
 
     id: str
     model: str
@@ -179,21 +182,20 @@ class WorkerBeat:
     pid: int
     draining: bool
 
-    def to_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 Message = Job | Started | Delta | Done | Error | Cancel
+# What encode writes and decode reads: the channel layer's messages, and the heartbeat record.
+Record = Message | WorkerBeat
 _TYPES: dict[str, type[Message]] = {kind.TYPE: kind for kind in (Job, Started, Delta, Done, Error, Cancel)}
-# Each message's keys and whether each is required, worked out once: a stream encodes and decodes every delta.
-_KEYS: dict[type[Message], tuple[tuple[str, bool], ...]] = {
+# Each record's keys and whether each is required, worked out once: a stream encodes and decodes every delta.
+_KEYS: dict[type[Record], tuple[tuple[str, bool], ...]] = {
     kind: tuple((field.name, field.default is dataclasses.MISSING) for field in dataclasses.fields(kind))
-    for kind in _TYPES.values()
+    for kind in (*_TYPES.values(), WorkerBeat)
 }
 
 
-def encode(message: Message) -> dict[str, Any]:
-    """``message`` as the dict the channel layer carries (msgpack-able: no tuples, no dataclasses)."""
+def encode(message: Record) -> dict[str, Any]:
+    """``message`` as the dict the channel layer (or the registry) carries: msgpack-able, no tuples or dataclasses."""
     data: dict[str, Any] = {"type": message.TYPE}
     for name, _ in _KEYS[type(message)]:
         data[name] = getattr(message, name)
@@ -203,18 +205,22 @@ def encode(message: Message) -> dict[str, Any]:
     return data
 
 
-def decode(data: Mapping[str, Any]) -> Message:
+def decode(data: Mapping[str, Any], kind: type[Record] | None = None) -> Record:
     """The typed message of a dict from the channel layer; raises ``ProtocolError`` when it is not one.
 
     Keys it does not know are ignored (a peer may add an optional one without a new version); a missing required
-    key, a wrong ``type`` or a job of a version not in SERVED_VERSIONS is an error.
+    key, a wrong ``type`` or a job of a version not in SERVED_VERSIONS is an error. ``kind`` is for a record whose
+    carrier says what it is (a heartbeat under its registry key): its ``type``, if any, must be that one.
     """
     if not isinstance(data, Mapping):
         raise ProtocolError(f"A job protocol message must be a dict, not {type(data).__name__}.")
     name = data.get("type")
-    kind = _TYPES.get(name) if isinstance(name, str) else None
     if kind is None:
-        raise ProtocolError(f"Unknown job protocol message type {data.get('type')!r}.", **_where(data))
+        kind = _TYPES.get(name) if isinstance(name, str) else None
+        if kind is None:
+            raise ProtocolError(f"Unknown job protocol message type {name!r}.", **_where(data))
+    elif name not in (None, kind.TYPE):
+        raise ProtocolError(f"A '{kind.TYPE}' record has the type {name!r}.", **_where(data))
     if kind is Job:
         return _decode_job(data)
     return kind(**_fields(kind, data))
@@ -226,7 +232,7 @@ def _where(data: Mapping[str, Any]) -> dict[str, Any]:
     return {"job_id": str(data.get("id") or ""), "reply_channel": reply if isinstance(reply, str) and reply else None}
 
 
-def _fields(kind: type[Message], data: Mapping[str, Any]) -> dict[str, Any]:
+def _fields(kind: type[Record], data: Mapping[str, Any]) -> dict[str, Any]:
     values = {}
     for name, required in _KEYS[kind]:
         if name in data:

@@ -15,11 +15,11 @@ import socket
 import time
 import uuid
 import weakref
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from tripod import job_protocol as wire
 from tripod.patches.redis_connections import connection_options
 from tripod.patches.request_threads import outlive_request
 
@@ -105,7 +105,7 @@ class _LoopState:
             url, max_connections=64, timeout=2, **connection_options(read_timeout=2)
         )
         self.client = aioredis.Redis(connection_pool=pool)
-        self.workers: list[dict[str, Any]] = []
+        self.workers: list[wire.WorkerBeat] = []
         self.fetched_at = float("-inf")
         self.lock = asyncio.Lock()
         self.web_heartbeat: asyncio.Task | None = None
@@ -136,18 +136,19 @@ class WorkerRegistry:
     def redis(self) -> aioredis.Redis:
         return self._state().client
 
-    async def beat(self, info: dict[str, Any]) -> None:
-        record = json.dumps({**info, "last_beat": time.time()})
+    async def beat(self, beat: wire.WorkerBeat) -> None:
+        """Write the worker's heartbeat record (with the wall time of the beat, for a reader of Redis)."""
+        record = json.dumps({**wire.encode(beat), "last_beat": time.time()})
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(WORKER_KEY + info["id"], record, px=self.ttl_ms)
-            pipe.sadd(MODELS_KEY, info["model"])
+            pipe.set(WORKER_KEY + beat.id, record, px=self.ttl_ms)
+            pipe.sadd(MODELS_KEY, beat.model)
             await pipe.execute()
 
     async def remove(self, worker_id: str) -> None:
         await self.redis.delete(WORKER_KEY + worker_id)
 
-    async def workers(self) -> list[dict[str, Any]]:
-        """Live worker records, at most ``WORKERS_CACHE_SECONDS`` old; one fetch at a time per loop."""
+    async def workers(self) -> list[wire.WorkerBeat]:
+        """Live workers' heartbeats, at most ``WORKERS_CACHE_SECONDS`` old; one fetch at a time per loop."""
         state = self._state()
         if time.monotonic() - state.fetched_at < WORKERS_CACHE_SECONDS:
             return state.workers
@@ -158,20 +159,28 @@ class WorkerRegistry:
         return state.workers
 
     @staticmethod
-    async def _fetch_workers(client: aioredis.Redis) -> list[dict[str, Any]]:
+    async def _fetch_workers(client: aioredis.Redis) -> list[wire.WorkerBeat]:
         keys = [key async for key in client.scan_iter(match=WORKER_KEY + "*", count=1000)]
         if not keys:
             return []
-        return [json.loads(value) for value in await client.mget(keys) if value is not None]
+        beats = []
+        for key, value in zip(keys, await client.mget(keys), strict=True):
+            if value is None:
+                continue  # expired between the scan and the read
+            try:
+                beats.append(wire.decode(json.loads(value), wire.WorkerBeat))
+            except wire.ProtocolError as exc:
+                logger.warning("ignoring the heartbeat %s: %s", key.decode(), exc)
+        return beats
 
     async def live_models(self) -> set[str]:
-        return {worker["model"] for worker in await self.workers()}
+        return {worker.model for worker in await self.workers()}
 
     async def known_models(self) -> set[str]:
         return {m.decode() for m in await self.redis.smembers(MODELS_KEY)}
 
     async def alive(self, worker_id: str) -> bool:
-        return any(worker["id"] == worker_id for worker in await self.workers())
+        return any(worker.id == worker_id for worker in await self.workers())
 
     async def web_beat(self, web_id: str) -> None:
         await self.redis.set(WEB_KEY + web_id, "1", px=self.ttl_ms)

@@ -13,7 +13,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from consumers import resumable, sse
-from consumers.jobs import GenerationJob, served_models
+from consumers.jobs import GenerationJob
+from consumers.served_models import served_models
 from tripod import streams
 from tripod.accounts import usage
 from tripod.api import schema

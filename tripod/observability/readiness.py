@@ -70,7 +70,7 @@ async def _workers() -> dict[str, Any]:
     except REGISTRY_ERRORS as exc:
         return {"ok": False, "error": f"Redis unreachable: {exc}"}
     workers = await registry.workers()
-    models = sorted({w["model"] for w in workers})
+    models = sorted({worker.model for worker in workers})
     return {
         "ok": bool(workers),
         "workers": len(workers),
