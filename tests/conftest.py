@@ -1,4 +1,5 @@
-"""Shared fixtures: the real tiny model in-process, and a real daphne on a free port.
+"""Shared fixtures: the real tiny model in-process, a real daphne on a free port, a private redis-server and a
+scaled ``cluster`` on it.
 
 Tests that start processes (daphne, workers, redis-server, PostgreSQL, Chromium, any ``subprocess``) get the
 ``slow`` marker here, found from their code and their fixtures' code, so that ``pytest -m "not slow"`` is the
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.processes import ROOT, LiveServer, RedisServer
+from tests.processes import ROOT, Cluster, LiveServer, RedisServer
 
 __all__ = ["ROOT"]
 
@@ -112,21 +113,23 @@ def server(request) -> Iterator[LiveServer]:
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A private redis-server on a free port, for one test."""
-    redis = RedisServer()
-    try:
+    with RedisServer() as redis:
         yield redis
-    finally:
-        redis.stop()
 
 
 @pytest.fixture(scope="module")
 def redis_module() -> Iterator[RedisServer]:
     """A private redis-server shared by one test module."""
-    redis = RedisServer()
-    try:
+    with RedisServer() as redis:
         yield redis
-    finally:
-        redis.stop()
+
+
+@pytest.fixture
+def cluster(redis_server) -> Iterator[Cluster]:
+    """A scaled deployment for one test on its private redis-server: it starts the web processes and workers it
+    needs, and they are all stopped at its end."""
+    with Cluster(redis_server) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

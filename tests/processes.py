@@ -1,4 +1,5 @@
-"""Real processes for tests: daphne web servers, ``python -m asgi_worker`` workers, ``redis-server``."""
+"""Real processes for tests: daphne web servers, ``python -m asgi_worker`` workers, ``redis-server``, a scaled
+``Cluster`` of them, PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -29,7 +32,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Process:
+class StoppedOnExit:
+    """Something a test starts and must stop: ``with`` stops it at the end of the block, however the block ends."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class Process(StoppedOnExit):
     """A child process whose output goes to a log file under var/test-logs/."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -162,7 +178,7 @@ class WorkerProcess(Process):
         return [line for line in self.output().splitlines() if " finished: finish_reason=" in line]
 
 
-class RedisServer:
+class RedisServer(StoppedOnExit):
     """A private ``redis-server`` on a free port; ``restart()`` keeps the port, loses the data."""
 
     def __init__(self) -> None:
@@ -220,6 +236,48 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Cluster(StoppedOnExit):
+    """A scaled deployment of one test or module: web processes and workers on a private ``redis``, each web process
+    with ``web_env`` unless told otherwise. ``with`` stops them all at the end (a paused one resumed first)."""
+
+    def __init__(self, redis: RedisServer, **web_env: str) -> None:
+        self.redis = redis
+        self.web_env = web_env
+        self.processes: list[Process] = []
+
+    def _web(self, env: dict[str, str]) -> LiveServer:
+        server = LiveServer({"REDIS_URL": self.redis.url, **self.web_env, **env})
+        self.processes.append(server)
+        return server
+
+    def _worker(self, flags: Sequence[str], env: dict[str, str]) -> WorkerProcess:
+        worker = WorkerProcess(self.redis.url, *flags, env=env)
+        self.processes.append(worker)
+        return worker
+
+    def web(self, **env: str) -> LiveServer:
+        """One more web process, ready."""
+        return self._web(env).wait_ready()
+
+    def worker(self, *flags: str, **env: str) -> WorkerProcess:
+        """One more ``python -m asgi_worker`` with ``flags``, serving."""
+        return self._worker(flags, env).wait_serving()
+
+    def start(self, webs: int, worker: Sequence[str], **web_env: str) -> tuple[list[LiveServer], WorkerProcess]:
+        """``webs`` web processes and one worker with the flags ``worker``, booted side by side and all ready."""
+        servers = [self._web(web_env) for _ in range(webs)]
+        started = self._worker(worker, {})
+        for server in servers:
+            server.wait_ready()
+        return servers, started.wait_serving()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.alive():
+                process.signal(signal.SIGCONT)  # a paused process takes no SIGTERM until resumed
+            process.stop()
+
+
 def postgres_bindir() -> Path:
     """Where ``initdb`` and ``pg_ctl`` are: ``TRIPOD_PG_BINDIR``, else ``PATH``, else Debian's newest."""
     if os.environ.get("TRIPOD_PG_BINDIR"):
@@ -233,7 +291,7 @@ def postgres_bindir() -> Path:
     return debian[-1].parent
 
 
-class PostgresServer:
+class PostgresServer(StoppedOnExit):
     """A private PostgreSQL cluster on a free port (trust auth, nothing fsynced), like :class:`RedisServer`.
 
     PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres`` user.

@@ -25,28 +25,23 @@ ENV_KEY = "sk-single-env-key-for-the-seed"
 @pytest.fixture(scope="module")
 def secured():
     """A server with stored keys, the seed's API_KEY, tight limits, and debug logging."""
-    server = LiveServer(
-        {
-            "API_KEY": ENV_KEY,
-            "TRIPOD_AUTH_CACHE_SECONDS": "0",
-            "TRIPOD_LOG_LEVEL": "DEBUG",
-            "TRIPOD_MAX_TOKENS_CAP": "50",
-            "TRIPOD_MAX_PROMPT_TOKENS": "300",
-            "TRIPOD_WS_MAX_FRAME_BYTES": "4000",
-        }
-    )
-    keys = {
-        "good": create_key(server.db_path, "good"),
-        "revoked": create_key(server.db_path, "revoked"),
-        "streams": create_key(server.db_path, "streams", "--max-streams", "1"),
-        "tokens": create_key(server.db_path, "tokens", "--tpm", "50"),
+    env = {
+        "API_KEY": ENV_KEY,
+        "TRIPOD_AUTH_CACHE_SECONDS": "0",
+        "TRIPOD_LOG_LEVEL": "DEBUG",
+        "TRIPOD_MAX_TOKENS_CAP": "50",
+        "TRIPOD_MAX_PROMPT_TOKENS": "300",
+        "TRIPOD_WS_MAX_FRAME_BYTES": "4000",
     }
-    assert manage(server.db_path, "tripod_keys", "revoke", "revoked").returncode == 0
-    server.wait_ready()
-    try:
-        yield server, keys
-    finally:
-        server.stop()
+    with LiveServer(env) as server:
+        keys = {
+            "good": create_key(server.db_path, "good"),
+            "revoked": create_key(server.db_path, "revoked"),
+            "streams": create_key(server.db_path, "streams", "--max-streams", "1"),
+            "tokens": create_key(server.db_path, "tokens", "--tpm", "50"),
+        }
+        assert manage(server.db_path, "tripod_keys", "revoke", "revoked").returncode == 0
+        yield server.wait_ready(), keys
 
 
 def headers(key: str | None) -> dict[str, str]:
@@ -239,8 +234,6 @@ def test_an_open_server_says_so_at_startup(server):
 
 
 def test_key_management_command(tmp_path):
-    from tests.processes import migrated_database
-
     db = migrated_database()
     key = create_key(db, "alice", "--rpm", "5", "--tpm", "1000", "--max-streams", "2")
     assert key.startswith("tpd_") and len(key) > 40
@@ -253,38 +246,26 @@ def test_key_management_command(tmp_path):
     assert manage(db, "tripod_keys", "revoke", "nobody").returncode != 0
 
 
-async def test_rpm_is_exact_across_two_web_processes_sharing_redis(redis_server):
+async def test_rpm_is_exact_across_two_web_processes_sharing_redis(cluster):
     """50 concurrent requests, 2 web processes, 1 key allowed 20 per minute: exactly 20 pass."""
-    from tests.processes import WorkerProcess, migrated_database
-
     db = migrated_database()
     key = create_key(db, "burst", "--rpm", "20")
-    env = {"REDIS_URL": redis_server.url, "TRIPOD_DB_PATH": db}
-    webs = [LiveServer(env), LiveServer(env)]
-    worker = WorkerProcess(redis_server.url, "--slots", "8")
-    try:
-        for web in webs:
-            web.wait_ready()
-        worker.wait_serving()
-        async with httpx.AsyncClient(timeout=60) as client:
-            responses = await asyncio.gather(
-                *(
-                    client.post(
-                        webs[i % 2].url + "/v1/chat/completions", json=chat_body(max_tokens=1), headers=headers(key)
-                    )
-                    for i in range(50)
+    webs, _ = cluster.start(webs=2, worker=["--slots", "8"], TRIPOD_DB_PATH=db)
+    async with httpx.AsyncClient(timeout=60) as client:
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    webs[i % 2].url + "/v1/chat/completions", json=chat_body(max_tokens=1), headers=headers(key)
                 )
+                for i in range(50)
             )
-        statuses = [r.status_code for r in responses]
-        assert statuses.count(200) == 20, statuses
-        assert statuses.count(429) == 30, statuses
-        limited = [r for r in responses if r.status_code == 429]
-        assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in limited)
-        assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in limited)
-    finally:
-        worker.stop()
-        for web in webs:
-            web.stop()
+        )
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 20, statuses
+    assert statuses.count(429) == 30, statuses
+    limited = [r for r in responses if r.status_code == 429]
+    assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in limited)
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in limited)
 
 
 async def test_usage_counts_the_tokens_of_a_stream_the_client_left(secured):

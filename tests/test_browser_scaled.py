@@ -17,7 +17,7 @@ import pytest
 
 from tests.browser import ChatPage, chromium_browser
 from tests.conftest import chat_body
-from tests.processes import LiveServer, RedisServer, WorkerProcess
+from tests.processes import Cluster, LiveServer, RedisServer, WorkerProcess
 
 SAMPLING = {"temperature": 1.0, "seed": 99}
 LENGTH = 40
@@ -32,17 +32,8 @@ def chromium():
 
 @pytest.fixture(scope="module")
 def scaled(redis_module: RedisServer) -> Iterator[tuple[list[LiveServer], WorkerProcess]]:
-    env = {"REDIS_URL": redis_module.url, "TRIPOD_LOG_LEVEL": "WARNING", "TRIPOD_QUEUE_TIMEOUT": "20"}
-    webs = [LiveServer(env) for _ in range(2)]
-    worker = WorkerProcess(redis_module.url, "--slots", "4")
-    try:
-        for web in webs:
-            web.wait_ready()
-        worker.wait_serving()
-        yield webs, worker
-    finally:
-        for process in [*webs, worker]:
-            process.stop()
+    with Cluster(redis_module) as cluster:
+        yield cluster.start(webs=2, worker=["--slots", "4"], TRIPOD_LOG_LEVEL="WARNING", TRIPOD_QUEUE_TIMEOUT="20")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from tests.conftest import chat_body
-from tests.processes import ROOT, LiveServer, PostgresServer, WorkerProcess, create_key, manage
+from tests.processes import ROOT, PostgresServer, create_key, manage
 
 SERVICES = ROOT / "scripts" / "test-services.sh"
 
@@ -75,11 +75,8 @@ def test_the_readme_test_command_is_what_ci_runs():
 @pytest.fixture
 def postgres():
     """A private PostgreSQL cluster for one test; it fails (never skips) where PostgreSQL is not installed."""
-    server = PostgresServer()
-    try:
+    with PostgresServer() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def usage_of(url: str, key: str) -> dict:
@@ -96,7 +93,7 @@ def wait_for_usage(url: str, key: str, requests: int) -> dict:
     return usage
 
 
-def test_scaled_web_processes_share_keys_and_usage_in_postgresql(postgres, redis_server):
+def test_scaled_web_processes_share_keys_and_usage_in_postgresql(postgres, cluster):
     """Migrations run on PostgreSQL; a key made with `manage.py tripod_keys` works on two web processes, and the
     usage one records is what the other reports."""
     migrate = manage(postgres.url, "migrate", "--noinput", "-v", "0")
@@ -106,30 +103,22 @@ def test_scaled_web_processes_share_keys_and_usage_in_postgresql(postgres, redis
     assert {"tripod", "training", "auth", "sessions"} <= applied
     key = create_key(postgres.url, "shared")
 
-    env = {"REDIS_URL": redis_server.url, "DATABASE_URL": postgres.url, "TRIPOD_NO_WORKER_WAIT": "30"}
-    webs = [LiveServer(env), LiveServer(env)]
-    worker = WorkerProcess(redis_server.url, "--slots", "2")  # workers need no database
-    try:
-        first, second = (web.wait_ready() for web in webs)
-        worker.wait_serving()
-        assert httpx.get(first.url + "/readyz").json()["status"] == "ready"
-        bearer = {"Authorization": f"Bearer {key}"}
-        for web in (first, second):
-            denied = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=1), timeout=60)
-            assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    # Workers need no database: only the web processes are told where it is.
+    (first, second), _ = cluster.start(
+        webs=2, worker=["--slots", "2"], DATABASE_URL=postgres.url, TRIPOD_NO_WORKER_WAIT="30"
+    )
+    assert httpx.get(first.url + "/readyz").json()["status"] == "ready"
+    bearer = {"Authorization": f"Bearer {key}"}
+    for web in (first, second):
+        denied = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=1), timeout=60)
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
 
-        reply = httpx.post(first.url + "/v1/chat/completions", json=chat_body(max_tokens=3), headers=bearer, timeout=60)
-        assert reply.status_code == 200, reply.text
-        usage = wait_for_usage(second.url, key, 1)
-        assert (usage["requests"], usage["completion_tokens"]) == (1, 3)
+    reply = httpx.post(first.url + "/v1/chat/completions", json=chat_body(max_tokens=3), headers=bearer, timeout=60)
+    assert reply.status_code == 200, reply.text
+    usage = wait_for_usage(second.url, key, 1)
+    assert (usage["requests"], usage["completion_tokens"]) == (1, 3)
 
-        reply = httpx.post(
-            second.url + "/v1/chat/completions", json=chat_body(max_tokens=2), headers=bearer, timeout=60
-        )
-        assert reply.status_code == 200, reply.text
-        usage = wait_for_usage(first.url, key, 2)
-        assert (usage["requests"], usage["completion_tokens"]) == (2, 5)
-    finally:
-        worker.stop()
-        for web in webs:
-            web.stop()
+    reply = httpx.post(second.url + "/v1/chat/completions", json=chat_body(max_tokens=2), headers=bearer, timeout=60)
+    assert reply.status_code == 200, reply.text
+    usage = wait_for_usage(first.url, key, 2)
+    assert (usage["requests"], usage["completion_tokens"]) == (2, 5)

@@ -12,7 +12,6 @@ import websockets
 from httpx_sse import connect_sse
 
 from tests.conftest import chat_body, sse_json
-from tests.processes import LiveServer, WorkerProcess
 from tests.test_observability import delta, scrape
 
 LONE = "\ud800"
@@ -124,35 +123,28 @@ def counted(metrics: dict) -> float:
     )
 
 
-def test_scaled_a_surrogate_stop_is_a_400_and_counted_as_no_request(redis_server):
-    worker = WorkerProcess(redis_server.url, "--slots", "2")
-    web = LiveServer({"REDIS_URL": redis_server.url, "TRIPOD_NO_WORKER_WAIT": "5"})
-    try:
-        web.wait_ready()
-        worker.wait_serving()
-        before = scrape(web)
-        refused = [
-            post_raw(web.url + path, {**body, "stop": [LONE]})
-            for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", PROMPT), ("/v1/streams", CHAT))
-        ]
-        served = post_raw(web.url + "/v1/chat/completions", {**CHAT, "stop": ["\U0001f600"]})
-        assert served.status_code == 200, served.text
-        deadline = time.monotonic() + 10
-        while counted(after := scrape(web)) == counted(before) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # Only the request that was served counts; the refused ones are neither successes nor "cancelled".
-        changed = {
-            k: after[k] - before.get(k, 0)
-            for k in after
-            if k[0] in ("tripod:request_success_total", "tripod:request_errors_total") and after[k] != before.get(k, 0)
-        }
-        assert counted(after) - counted(before) == 1, changed
-        assert delta(before, after, "tripod:request_success_total", transport="rest", finished_reason="length") == 1
-        for response in refused:
-            assert_invalid_unicode(response, "stop[0]")
-    finally:
-        web.stop()
-        worker.stop()
+def test_scaled_a_surrogate_stop_is_a_400_and_counted_as_no_request(cluster):
+    (web,), _ = cluster.start(webs=1, worker=["--slots", "2"], TRIPOD_NO_WORKER_WAIT="5")
+    before = scrape(web)
+    refused = [
+        post_raw(web.url + path, {**body, "stop": [LONE]})
+        for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", PROMPT), ("/v1/streams", CHAT))
+    ]
+    served = post_raw(web.url + "/v1/chat/completions", {**CHAT, "stop": ["\U0001f600"]})
+    assert served.status_code == 200, served.text
+    deadline = time.monotonic() + 10
+    while counted(after := scrape(web)) == counted(before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # Only the request that was served counts; the refused ones are neither successes nor "cancelled".
+    changed = {
+        k: after[k] - before.get(k, 0)
+        for k in after
+        if k[0] in ("tripod:request_success_total", "tripod:request_errors_total") and after[k] != before.get(k, 0)
+    }
+    assert counted(after) - counted(before) == 1, changed
+    assert delta(before, after, "tripod:request_success_total", transport="rest", finished_reason="length") == 1
+    for response in refused:
+        assert_invalid_unicode(response, "stop[0]")
 
 
 # --- Accept -----------------------------------------------------------------------------------------

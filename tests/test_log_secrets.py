@@ -17,14 +17,10 @@ from tests.processes import LiveServer, create_key, manage
 
 @pytest.fixture(scope="module")
 def debug_server():
-    server = LiveServer({"TRIPOD_LOG_LEVEL": "DEBUG", "TRIPOD_AUTH_CACHE_SECONDS": "0"})
-    keys = {name: create_key(server.db_path, name) for name in ("good", "revoked", "in-query")}
-    assert manage(server.db_path, "tripod_keys", "revoke", "revoked").returncode == 0
-    server.wait_ready()
-    try:
-        yield server, keys
-    finally:
-        server.stop()
+    with LiveServer({"TRIPOD_LOG_LEVEL": "DEBUG", "TRIPOD_AUTH_CACHE_SECONDS": "0"}) as server:
+        keys = {name: create_key(server.db_path, name) for name in ("good", "revoked", "in-query")}
+        assert manage(server.db_path, "tripod_keys", "revoke", "revoked").returncode == 0
+        yield server.wait_ready(), keys
 
 
 def test_no_key_or_stream_token_in_any_log_line(debug_server):

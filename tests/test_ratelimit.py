@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, WorkerProcess, create_key, migrated_database
+from tests.processes import LiveServer, create_key, migrated_database
 
 URL = "/v1/chat/completions"
 
@@ -140,20 +140,10 @@ async def test_a_running_request_holds_its_reservation_and_settles_to_its_exact_
     assert used_tokens(server, key) < 18 + 900 + after.json()["usage"]["total_tokens"]
 
 
-async def test_two_web_processes_sharing_redis_keep_the_same_bound(redis_server):
+async def test_two_web_processes_sharing_redis_keep_the_same_bound(cluster):
     db = migrated_database()
     key = create_key(db, "shared", "--tpm", "200")
-    env = {"REDIS_URL": redis_server.url, "TRIPOD_DB_PATH": db, "TRIPOD_AUTH_CACHE_SECONDS": "0"}
-    webs = [LiveServer(env), LiveServer(env)]
-    worker = WorkerProcess(redis_server.url, "--slots", "8")
-    try:
-        for web in webs:
-            web.wait_ready()
-        worker.wait_serving()
-        responses = await burst([web.url for web in webs], key)
-        admitted = check_burst(responses, 200)
-        assert used_tokens(webs[0], key) == admitted
-    finally:
-        worker.stop()
-        for web in webs:
-            web.stop()
+    webs, _ = cluster.start(webs=2, worker=["--slots", "8"], TRIPOD_DB_PATH=db, TRIPOD_AUTH_CACHE_SECONDS="0")
+    responses = await burst([web.url for web in webs], key)
+    admitted = check_burst(responses, 200)
+    assert used_tokens(webs[0], key) == admitted

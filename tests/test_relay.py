@@ -10,35 +10,30 @@ import openai
 import pytest
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, WorkerProcess
+from tests.processes import Cluster, LiveServer
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+def relay_front(cluster: Cluster, served_name: str, upstream_model: str, **upstream: str) -> LiveServer:
+    """A web process that serves ``served_name`` through an ``openai``-engine worker, which asks the upstream that
+    ``upstream`` (its ``TRIPOD_UPSTREAM_*`` variables) names for ``upstream_model``."""
+    front = cluster.web(TRIPOD_SERVED_MODEL_NAME=served_name)
+    cluster.worker("--engine", "openai", "--model", upstream_model, "--served-model-name", served_name, **upstream)
+    return front
 
 
 @pytest.fixture(scope="module")
 def relay(redis_module):
     """upstream: an embedded Tripod on the tiny model; front: web + an ``openai``-engine worker."""
-    upstream = LiveServer().wait_ready()
-    front = LiveServer({"REDIS_URL": redis_module.url, "TRIPOD_SERVED_MODEL_NAME": "relayed"}).wait_ready()
-    worker = WorkerProcess(
-        redis_module.url,
-        "--engine",
-        "openai",
-        "--model",
-        "tiny",
-        "--served-model-name",
-        "relayed",
-        env={"TRIPOD_UPSTREAM_URL": upstream.url + "/v1", "TRIPOD_UPSTREAM_API_KEY": "sk-upstream"},
-    ).wait_serving()
-    try:
-        yield upstream, front, worker
-    finally:
-        for process in (worker, front, upstream):
-            process.stop()
+    with LiveServer() as upstream, Cluster(redis_module) as cluster:
+        upstream.wait_ready()
+        upstream_env = {"TRIPOD_UPSTREAM_URL": upstream.url + "/v1", "TRIPOD_UPSTREAM_API_KEY": "sk-upstream"}
+        yield upstream, relay_front(cluster, "relayed", "tiny", **upstream_env)
 
 
 def clients(relay) -> tuple[openai.OpenAI, openai.OpenAI]:
-    upstream, front, _ = relay
+    upstream, front = relay
     make = lambda url: openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)  # noqa: E731
     return make(upstream.url), make(front.url)
 
@@ -80,14 +75,14 @@ def test_seed_and_stop_pass_through(relay):
 
 
 def test_upstream_errors_keep_their_status_and_code(relay):
-    _, front, _ = relay
+    _, front = relay
     response = httpx.post(front.url + "/v1/chat/completions", json={**chat_body("word " * 2100), "model": "relayed"})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_a_client_leaving_the_front_cancels_the_upstream_generation(relay):
-    upstream, front, _ = relay
+    upstream, front = relay
     body = {**chat_body(max_tokens=1900, ignore_eos=True, stream=True), "model": "relayed"}
     with httpx.stream("POST", front.url + "/v1/chat/completions", json=body, timeout=30) as response:
         for line in response.iter_lines():
@@ -102,22 +97,10 @@ def test_a_client_leaving_the_front_cancels_the_upstream_generation(relay):
 
 
 def test_an_upstream_that_refuses_this_server_is_a_502_not_the_clients_fault(relay, redis_module):
-    upstream, _, _ = relay
-    front = LiveServer({"REDIS_URL": redis_module.url, "TRIPOD_SERVED_MODEL_NAME": "misconfigured"}).wait_ready()
-    worker = WorkerProcess(
-        redis_module.url,
-        "--engine",
-        "openai",
-        "--model",
-        "no-such-upstream-model",
-        "--served-model-name",
-        "misconfigured",
-        env={"TRIPOD_UPSTREAM_URL": upstream.url + "/v1"},
-    ).wait_serving()
-    try:
+    upstream, _ = relay
+    with Cluster(redis_module) as cluster:
+        upstream_env = {"TRIPOD_UPSTREAM_URL": upstream.url + "/v1"}
+        front = relay_front(cluster, "misconfigured", "no-such-upstream-model", **upstream_env)
         response = httpx.post(front.url + "/v1/chat/completions", json={**chat_body(), "model": "misconfigured"})
         assert response.status_code == 502
         assert response.json()["error"]["code"] == "upstream_error"
-    finally:
-        worker.stop()
-        front.stop()

@@ -20,40 +20,18 @@ import redis.exceptions
 import websockets
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, RedisServer, WorkerProcess
+from tests.processes import Cluster, LiveServer
 
 LONG = {"max_tokens": 1500, "ignore_eos": True}
-
-
-class Cluster:
-    """Processes of one test; all stopped at the end."""
-
-    def __init__(self, redis: RedisServer) -> None:
-        self.redis = redis
-        self.processes = []
-
-    def web(self, **env: str) -> LiveServer:
-        server = LiveServer({"REDIS_URL": self.redis.url, "TRIPOD_NO_WORKER_WAIT": "1", **env})
-        self.processes.append(server)
-        return server.wait_ready()
-
-    def worker(self, *flags: str, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(self.redis.url, *flags, env=env)
-        self.processes.append(worker)
-        return worker
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.stop()
+# Short beats: a stopped or killed process is dead after 1 s, so a test needs pauses of seconds, not tens of seconds.
+BEATS = {"TRIPOD_HEARTBEAT_INTERVAL": "0.25", "TRIPOD_WORKER_TTL": "1"}
 
 
 @pytest.fixture
 def cluster(redis_server):
-    cluster = Cluster(redis_server)
-    try:
+    """The shared ``cluster``, whose web processes give up on a model without a worker after 1 s."""
+    with Cluster(redis_server, TRIPOD_NO_WORKER_WAIT="1") as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 async def stream_chat(url: str, body: dict, on_first_delta=None) -> dict:
@@ -143,7 +121,7 @@ def test_models_readyz_and_no_worker(cluster):
     assert response.json()["error"]["code"] == "no_worker_available"
     assert time.monotonic() - started < 5, "a model without a worker fails within a bounded time"
 
-    cluster.worker("--slots", "2").wait_serving()
+    cluster.worker("--slots", "2")
     assert httpx.get(web.url + "/readyz").json()["status"] == "ready"
     assert [m["id"] for m in httpx.get(web.url + "/v1/models").json()["data"]] == ["tiny"]
     response = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=3), timeout=30)
@@ -156,8 +134,8 @@ def test_models_readyz_and_no_worker(cluster):
 async def test_kill_9_mid_stream_fails_its_clients_fast_and_loses_no_queued_job(cluster, transport):
     # The queued job waits for the survivor's 1500 tokens: longer than the default 60 s on a loaded machine.
     web = cluster.web(TRIPOD_QUEUE_TIMEOUT="300")
-    worker_a = cluster.worker("--slots", "1").wait_serving()
-    worker_b = cluster.worker("--slots", "1").wait_serving()
+    worker_a = cluster.worker("--slots", "1")
+    worker_b = cluster.worker("--slots", "1")
     first_delta = {"n": 0}
 
     def seen() -> None:
@@ -188,7 +166,7 @@ async def test_kill_9_mid_stream_fails_its_clients_fast_and_loses_no_queued_job(
 async def test_sigterm_finishes_jobs_in_flight_then_exits(cluster, transport):
     # Long enough for the queued request to wait through the gap between the two workers.
     web = cluster.web(TRIPOD_NO_WORKER_WAIT="30")
-    worker = cluster.worker("--slots", "1", "--drain-timeout", "60").wait_serving()
+    worker = cluster.worker("--slots", "1", "--drain-timeout", "60")
     started = {"n": 0}
     in_flight = asyncio.create_task(
         chat_over(transport, web, chat_body(max_tokens=600, ignore_eos=True), lambda: started.__setitem__("n", 1))
@@ -204,7 +182,7 @@ async def test_sigterm_finishes_jobs_in_flight_then_exits(cluster, transport):
     assert worker.process.returncode == 0
     # The job it had not taken is still in Redis: the next worker serves it.
     assert not queued.done()
-    cluster.worker("--slots", "1").wait_serving()
+    cluster.worker("--slots", "1")
     served = await queued
     assert served["error"] is None and served["usage"]["completion_tokens"] == 4
 
@@ -212,7 +190,7 @@ async def test_sigterm_finishes_jobs_in_flight_then_exits(cluster, transport):
 @TRANSPORTS
 async def test_sigterm_drain_timeout_bounds_the_wait(cluster, transport):
     web = cluster.web()
-    worker = cluster.worker("--slots", "1", "--drain-timeout", "0.5").wait_serving()
+    worker = cluster.worker("--slots", "1", "--drain-timeout", "0.5")
     started = {"n": 0}
     in_flight = asyncio.create_task(
         chat_over(transport, web, chat_body(max_tokens=1900, ignore_eos=True), lambda: started.__setitem__("n", 1))
@@ -228,7 +206,7 @@ async def test_sigterm_drain_timeout_bounds_the_wait(cluster, transport):
 
 async def test_redis_restart_fails_fast_then_recovers_without_restarting_anything(cluster):
     web = cluster.web()
-    worker = cluster.worker("--slots", "2").wait_serving()
+    worker = cluster.worker("--slots", "2")
     assert httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=2), timeout=30).status_code == 200
     cluster.redis.kill()
     started = time.monotonic()
@@ -256,7 +234,7 @@ async def test_redis_restart_fails_fast_then_recovers_without_restarting_anythin
 async def test_two_web_processes_two_workers_40_streams_over_sse_and_websockets_all_served_once(cluster):
     # 20 jobs queue for each 1-slot worker: on a loaded machine the last waits longer than the default 60 s.
     webs = [cluster.web(TRIPOD_QUEUE_TIMEOUT="300") for _ in range(2)]
-    workers = [cluster.worker("--slots", "1").wait_serving() for _ in range(2)]
+    workers = [cluster.worker("--slots", "1") for _ in range(2)]
     bodies = [chat_body(f"request {i}", max_tokens=12, ignore_eos=True) for i in range(40)]
     # Each web process gets SSE and WebSocket clients, half each.
     results = await asyncio.gather(
@@ -274,7 +252,7 @@ async def test_two_web_processes_two_workers_40_streams_over_sse_and_websockets_
 @TRANSPORTS
 async def test_a_client_that_leaves_cancels_the_job_on_its_worker(cluster, transport):
     web = cluster.web()
-    worker = cluster.worker("--slots", "1").wait_serving()
+    worker = cluster.worker("--slots", "1")
     body = chat_body(max_tokens=1900, ignore_eos=True)
     if transport == "ws":
         async with websockets.connect(web.ws_url + "/ws/chat/", open_timeout=30) as ws:
@@ -301,9 +279,8 @@ async def test_a_client_that_leaves_cancels_the_job_on_its_worker(cluster, trans
 
 @TRANSPORTS
 async def test_a_web_process_killed_mid_stream_has_its_jobs_stopped_by_the_worker(cluster, transport):
-    beats = {"TRIPOD_HEARTBEAT_INTERVAL": "0.25", "TRIPOD_WORKER_TTL": "1"}
-    web = cluster.web(**beats)
-    worker = cluster.worker("--slots", "1", **beats).wait_serving()
+    web = cluster.web(**BEATS)
+    worker = cluster.worker("--slots", "1", **BEATS)
     first_delta = asyncio.Event()
     body = chat_body(max_tokens=1900, ignore_eos=True)
     client = asyncio.create_task(chat_over(transport, web, body, first_delta.set))
@@ -326,7 +303,7 @@ async def test_200_concurrent_streams_over_sse_and_websockets_on_one_web_process
     # request may wait for a worker, now that the web process submits all 200 at once (it once took seconds to
     # give each request its thread).
     web = cluster.web(TRIPOD_QUEUE_TIMEOUT="300")
-    cluster.worker("--slots", "32").wait_serving()
+    cluster.worker("--slots", "32")
     limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
 
     async def one(client: httpx.AsyncClient, i: int) -> dict:

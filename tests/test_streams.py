@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, WorkerProcess
+from tests.processes import Cluster, LiveServer
 
 LONG = {"max_tokens": 1500, "ignore_eos": True}
 GREEDY = {"temperature": 0, "max_tokens": 40}
@@ -223,47 +223,32 @@ WEB_ENV = {"TRIPOD_EVENT_TIMEOUT": "3", "TRIPOD_SSE_KEEPALIVE": "1"}
 @pytest.fixture(scope="module")
 def scaled(redis_module):
     """Two web processes and one worker sharing a private Redis (short timeouts, for the stalled reader)."""
-    processes = []
-    try:
-        webs = []
-        for _ in range(2):
-            web = LiveServer(WEB_ENV | {"REDIS_URL": redis_module.url})
-            processes.append(web)
-            webs.append(web)
-        worker = WorkerProcess(redis_module.url, "--model", "tiny", "--slots", "4")
-        processes.append(worker)
-        worker.wait_serving()
-        for web in webs:
-            web.wait_ready()
-        yield webs, redis_module, processes
-    finally:
-        for process in processes:
-            process.stop()
+    with Cluster(redis_module, **WEB_ENV) as cluster:
+        webs, _ = cluster.start(webs=2, worker=["--model", "tiny", "--slots", "4"])
+        yield webs, cluster
 
 
 def test_scaled_frames_live_in_redis_and_any_web_process_serves_a_reader(scaled):
-    (one, two), redis_server, _ = scaled
+    (one, two), cluster = scaled
     stream = start(one.url, chat_body(**GREEDY))
     _, first = read(two.url, stream, limit=4)
     _, rest = read(one.url, stream, after=parse_frames(first)[3][0])
     frames = parse_frames(first)[:4] + parse_frames(rest)
     _, whole = read(two.url, stream)
     assert frames == parse_frames(whole) and frames[-1][1] == "[DONE]"
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis.Redis.from_url(cluster.redis.url)
     assert client.xlen(f"tripod:stream:{stream['id']}") == len(frames)
     assert 0 < client.pttl(f"tripod:stream:{stream['id']}") <= 600_000
 
 
 def test_scaled_delete_on_another_web_process_cancels(scaled):
-    (one, two), _, _ = scaled
+    (one, two), _ = scaled
     assert_cancelled(cancel_mid_stream(one.url, two.url, two.url))
 
 
 def test_scaled_a_reader_learns_that_the_process_running_its_generation_died(scaled):
-    (one, _), redis_server, processes = scaled
-    doomed = LiveServer(WEB_ENV | {"REDIS_URL": redis_server.url})
-    processes.append(doomed)
-    doomed.wait_ready()
+    (one, _), cluster = scaled
+    doomed = cluster.web()
     stream = start(doomed.url, chat_body(**LONG))
     _, first = read(one.url, stream, limit=3)
     doomed.process.kill()  # SIGKILL: no chance to finish anything

@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, WorkerProcess, create_key, manage
+from tests.processes import create_key, manage, migrated_database
 
 
 async def ws_chat(ws_url: str, body: dict, headers: dict | None = None) -> dict:
@@ -46,17 +46,9 @@ async def test_channels_of_every_prefix_share_one_reader(redis_server):
 
 
 @pytest.fixture
-def deployment(redis_server):
-    webs = [LiveServer({"REDIS_URL": redis_server.url, "TRIPOD_QUEUE_TIMEOUT": "15"}) for _ in range(2)]
-    worker = WorkerProcess(redis_server.url, "--slots", "8")
-    try:
-        for web in webs:
-            web.wait_ready()
-        worker.wait_serving()
-        yield webs
-    finally:
-        for process in [*webs, worker]:
-            process.stop()
+def deployment(cluster):
+    webs, _ = cluster.start(webs=2, worker=["--slots", "8"], TRIPOD_QUEUE_TIMEOUT="15")
+    return webs
 
 
 async def test_idle_sockets_leave_every_transport_served_on_two_web_processes(deployment):
@@ -102,31 +94,25 @@ async def test_idle_sockets_leave_every_transport_served_on_two_web_processes(de
     print(f"\n8 requests beside 6 idle sockets on 2 web processes: all served, slowest {slowest:.2f} s")
 
 
-async def test_a_key_revoked_under_an_open_socket_stops_working_and_closes_it(redis_server):
-    web = LiveServer({"REDIS_URL": redis_server.url, "TRIPOD_AUTH_CACHE_SECONDS": "0.5"})
-    worker = WorkerProcess(redis_server.url, "--slots", "4")
-    try:
-        key = create_key(web.db_path, "alice")
-        create_key(web.db_path, "bob")  # another key stays active: with none left, the server would be open
-        web.wait_ready()
-        worker.wait_serving()
-        auth = {"Authorization": f"Bearer {key}"}
-        async with websockets.connect(web.ws_url + "/ws/chat/", open_timeout=10, additional_headers=auth) as ws:
-            await ws.send(json.dumps({"type": "chat", "id": "before", **chat_body(max_tokens=2)}))
-            while (frame := json.loads(await ws.recv()))["type"] not in ("done", "error"):
-                pass
-            assert frame["type"] == "done", frame
-            assert manage(web.db_path, "tripod_keys", "revoke", "alice").returncode == 0
-            await asyncio.sleep(1)  # the key cache's lifetime
-            await ws.send(json.dumps({"type": "chat", "id": "after", **chat_body(max_tokens=2)}))
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            assert frame["type"] == "error" and frame["id"] == "after", frame
-            assert frame["error"]["code"] == "invalid_api_key"
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 10)
-            assert closed.value.rcvd.code == 4401
-        rest = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=2), headers=auth, timeout=30)
-        assert rest.status_code == 401
-    finally:
-        web.stop()
-        worker.stop()
+async def test_a_key_revoked_under_an_open_socket_stops_working_and_closes_it(cluster):
+    db = migrated_database()
+    key = create_key(db, "alice")
+    create_key(db, "bob")  # another key stays active: with none left, the server would be open
+    (web,), _ = cluster.start(webs=1, worker=["--slots", "4"], TRIPOD_DB_PATH=db, TRIPOD_AUTH_CACHE_SECONDS="0.5")
+    auth = {"Authorization": f"Bearer {key}"}
+    async with websockets.connect(web.ws_url + "/ws/chat/", open_timeout=10, additional_headers=auth) as ws:
+        await ws.send(json.dumps({"type": "chat", "id": "before", **chat_body(max_tokens=2)}))
+        while (frame := json.loads(await ws.recv()))["type"] not in ("done", "error"):
+            pass
+        assert frame["type"] == "done", frame
+        assert manage(web.db_path, "tripod_keys", "revoke", "alice").returncode == 0
+        await asyncio.sleep(1)  # the key cache's lifetime
+        await ws.send(json.dumps({"type": "chat", "id": "after", **chat_body(max_tokens=2)}))
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert frame["type"] == "error" and frame["id"] == "after", frame
+        assert frame["error"]["code"] == "invalid_api_key"
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd.code == 4401
+    rest = httpx.post(web.url + "/v1/chat/completions", json=chat_body(max_tokens=2), headers=auth, timeout=30)
+    assert rest.status_code == 401

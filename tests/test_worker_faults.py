@@ -18,46 +18,11 @@ import pytest
 import redis as redis_client
 
 from tests.conftest import chat_body
-from tests.processes import LiveServer, RedisServer, WorkerProcess
-from tests.test_scaleout import stream_chat, wait_until
+from tests.processes import LiveServer, WorkerProcess
+from tests.test_scaleout import BEATS, stream_chat, wait_until
 
-# Short beats: a stopped worker is dead after 1 s, so a test needs pauses of seconds, not tens of seconds.
-BEATS = {"TRIPOD_HEARTBEAT_INTERVAL": "0.25", "TRIPOD_WORKER_TTL": "1"}
 # Above the channel layer's 10 s read timeout: the job a paused worker took is dropped when it resumes.
 PAUSE_SECONDS = 11
-
-
-class Cluster:
-    """Processes of one test; all stopped (and resumed first, if paused) at the end."""
-
-    def __init__(self, redis: RedisServer) -> None:
-        self.redis = redis
-        self.processes = []
-
-    def web(self, **env: str) -> LiveServer:
-        server = LiveServer({"REDIS_URL": self.redis.url, **env})
-        self.processes.append(server)
-        return server.wait_ready()
-
-    def worker(self, *flags: str, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(self.redis.url, *flags, env=env)
-        self.processes.append(worker)
-        return worker.wait_serving()
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.alive():
-                process.signal(signal.SIGCONT)
-            process.stop()
-
-
-@pytest.fixture
-def cluster(redis_server):
-    cluster = Cluster(redis_server)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def generations(web: LiveServer) -> list[dict]:
