@@ -45,6 +45,19 @@ async def test_channels_of_every_prefix_share_one_reader(redis_server):
     await asyncio.gather(idle, return_exceptions=True)
 
 
+async def test_the_layer_holds_more_blocking_receives_than_redis_pys_default_pool(redis_server):
+    """150 receives pending at once, each on a pooled connection: redis-py 8's plain pool refused the 101st."""
+    from tripod.patches.redis_connections import OneKeyRedisChannelLayer, redis_channel_layer
+
+    layer = OneKeyRedisChannelLayer(**redis_channel_layer(redis_server.url, queue_timeout=60)["CONFIG"])
+    names = [f"tripod.test.pool{i}" for i in range(150)]
+    receives = [asyncio.ensure_future(layer.receive(name)) for name in names]
+    await asyncio.sleep(0.5)  # every receive holds its connection in a blocking pop now
+    await asyncio.gather(*(layer.send(name, {"type": "x", "name": name}) for name in names))
+    got = await asyncio.wait_for(asyncio.gather(*receives), 20)
+    assert [message["name"] for message in got] == names
+
+
 @pytest.fixture
 def deployment(cluster):
     webs, _ = cluster.start(webs=2, worker=["--slots", "8"], TRIPOD_QUEUE_TIMEOUT="15")

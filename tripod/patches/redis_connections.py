@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
+from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -35,6 +36,9 @@ def connection_options(read_timeout: float, connect_timeout: float = 1.0) -> dic
 # Every process-local channel of a process (reply channels, a worker's control channel, any consumer's own
 # channel) is named LOCAL_CHANNELS + the process's client prefix + "!" + what it is for.
 LOCAL_CHANNELS = "tripod.local."
+# Connections one process's channel layer may hold at once, and how long a send waits for one beyond that.
+LAYER_POOL_CONNECTIONS = 1024
+LAYER_POOL_WAIT_SECONDS = 10
 
 
 class OneKeyRedisChannelLayer(RedisChannelLayer):
@@ -50,6 +54,18 @@ class OneKeyRedisChannelLayer(RedisChannelLayer):
 
     async def new_channel(self, prefix: str = "specific") -> str:
         return f"{LOCAL_CHANNELS}{self.client_prefix}!{prefix.strip('.')}.{uuid.uuid4().hex}"
+
+    def create_pool(self, index: int) -> aioredis.ConnectionPool:
+        """A blocking pool: a burst of sends waits for a connection instead of failing.
+
+        channels_redis takes a pooled connection per send and per blocking receive, and redis-py 8 caps a plain
+        pool at 100 connections and raises "Too many connections" past it: 200 concurrent streams on one web
+        process failed with 503 ``channel_layer_unavailable`` on a loaded machine.
+        """
+        host = dict(self.hosts[index])
+        return aioredis.BlockingConnectionPool.from_url(
+            host.pop("address"), max_connections=LAYER_POOL_CONNECTIONS, timeout=LAYER_POOL_WAIT_SECONDS, **host
+        )
 
 
 def redis_channel_layer(url: str, queue_timeout: float) -> dict[str, Any]:
