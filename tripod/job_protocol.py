@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 # The version a job is sent in; a worker serves the jobs of SERVED_VERSIONS and answers the others with a
 # ``protocol_mismatch`` error. A job without "version" comes from a web process older than the number: version 1.
-PROTOCOL_VERSION = 1
-SERVED_VERSIONS = frozenset({1})
+PROTOCOL_VERSION = 2
+SERVED_VERSIONS = frozenset({1, 2})
 UNVERSIONED = 1
 
 # Workers of a model pull jobs from JOB_CHANNEL_PREFIX + its slug; each job names its reply channel, each worker
@@ -114,6 +114,11 @@ class Delta:
     text: str
     tokens: int
     seq: int
+    index: int = 0  # the choice (n > 1) this delta belongs to
+    # Streamed tool calls: [{"index", "id"?, "name"?, "arguments"}] pieces, as ToolCallDelta encodes them.
+    tool_calls: list[dict[str, Any]] | None = None
+    # One entry per token: {"token", "bytes", "logprob", "top": [[token, bytes, logprob], ...]}.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class Done:
     id: str
     finish_reason: str | None
     usage: dict[str, int] | None
+    finish_reasons: list[str | None] | None = None  # one per choice when n > 1; finish_reason is the first
 
 
 @dataclass(frozen=True)
@@ -259,9 +265,30 @@ def _decode_job(data: Mapping[str, Any]) -> Job:
 
 
 def _encode_params(params: SamplingParams) -> dict[str, Any]:
-    data = dataclasses.asdict(params)
+    data = dataclasses.asdict(params)  # nested dataclasses (response_format, tools) become dicts too
     data["stop"] = list(params.stop)
+    data["logit_bias"] = [list(pair) for pair in params.logit_bias]
+    if params.tools is not None:
+        data["tools"]["tools"] = [dataclasses.asdict(tool) for tool in params.tools.tools]
     return data
+
+
+def _decode_nested(data: Mapping[str, Any], where: dict[str, Any]) -> dict[str, Any]:
+    """The nested fields of ``params`` as their dataclasses; a malformed one is a ``ProtocolError``."""
+    from tripod.protocol import ResponseFormat, Tool, ToolUse
+
+    values: dict[str, Any] = {}
+    try:
+        values["logit_bias"] = tuple((int(token), float(bias)) for token, bias in data.get("logit_bias") or ())
+        if data.get("response_format") is not None:
+            values["response_format"] = ResponseFormat(**data["response_format"])
+        if data.get("tools") is not None:
+            tools = dict(data["tools"])
+            tools["tools"] = tuple(Tool(**tool) for tool in tools.get("tools") or ())
+            values["tools"] = ToolUse(**tools)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"A job's 'params' holds a malformed field: {exc}", **where) from None
+    return values
 
 
 def _decode_params(data: Any, where: dict[str, Any]) -> SamplingParams:
@@ -277,4 +304,4 @@ def _decode_params(data: Any, where: dict[str, Any]) -> SamplingParams:
     stop = data.get("stop") or ()
     if not isinstance(stop, (list, tuple)) or not all(isinstance(text, str) for text in stop):
         raise ProtocolError("A job's 'params.stop' must be a list of strings.", **where)
-    return SamplingParams(**{**data, "stop": tuple(stop)})
+    return SamplingParams(**{**data, "stop": tuple(stop), **_decode_nested(data, where)})

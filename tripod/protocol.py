@@ -29,6 +29,51 @@ _IGNORED_FIELDS = {
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """Structured output: any JSON object (``json_object``), or JSON valid for ``schema`` (``json_schema``)."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: str | None = None  # the JSON Schema as JSON text; None for json_object
+    name: str = ""
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One function the model may call; ``parameters`` is its JSON Schema as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'
+    strict: bool = False
+
+    def as_template_tool(self) -> dict[str, Any]:
+        """The OpenAI tool object chat templates take (``apply_chat_template(tools=...)``)."""
+        import json
+
+        function = {"name": self.name, "description": self.description, "parameters": json.loads(self.parameters)}
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a request offers and how it lets the model use them (``tool_choice`` "none" offers none).
+
+    ``choice``: "auto" (the model decides), "required" (at least one call) or "function" (exactly one call of
+    ``function``); the last two are forced by the grammar. ``parallel``: whether a reply may hold several calls.
+    """
+
+    tools: tuple[Tool, ...]
+    choice: Literal["auto", "required", "function"] = "auto"
+    function: str | None = None
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        return self.choice != "auto"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop; ``max_tokens=None`` means "up to the context length"."""
 
@@ -41,6 +86,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    n: int = 1  # choices, each sampled with seed + its index when a seed is given
+    logprobs: bool = False  # each token's log-probability, and ``top_logprobs`` alternatives
+    top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias -100..100), sorted by id
+    response_format: ResponseFormat | None = None
+    tools: ToolUse | None = None
 
     @property
     def greedy(self) -> bool:

@@ -27,12 +27,35 @@ Prompt = list[dict[str, Any]] | str
 ENGINE_MODULES = {"hf": "tripod.engines.hf", "hf-cb": "tripod.engines.hf_cb", "openai": "tripod.engines.openai_relay"}
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the ``top`` alternatives, each (token text, UTF-8 bytes, logprob)."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[tuple[str, tuple[int, ...], float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call: ``id`` and ``name`` come once, first; ``arguments`` then grow by pieces."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 @dataclass
 class Delta:
-    """A piece of generated text and how many tokens produced it."""
+    """A piece of generated text and how many tokens produced it, with what the request asked for beside it."""
 
     text: str
     tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token behind this delta, when the request asked for them
+    tool_calls: tuple[ToolCallDelta, ...] = ()  # parsed out of the text: that part is not in ``text``
+    index: int = 0  # the choice (n > 1) it belongs to
 
 
 @dataclass
