@@ -200,11 +200,19 @@ _KEYS: dict[type[Record], tuple[tuple[str, bool], ...]] = {
 }
 
 
+# Records whose optional fields are left out at their defaults (0, None): a stream sends one per delta.
+_SPARSE = (Delta, Done)
+
+
 def encode(message: Record) -> dict[str, Any]:
     """``message`` as the dict the channel layer (or the registry) carries: msgpack-able, no tuples or dataclasses."""
     data: dict[str, Any] = {"type": message.TYPE}
-    for name, _ in _KEYS[type(message)]:
-        data[name] = getattr(message, name)
+    sparse = type(message) in _SPARSE
+    for name, required in _KEYS[type(message)]:
+        value = getattr(message, name)
+        if sparse and not required and not value:  # a plain delta stays as small as it was in version 1
+            continue
+        data[name] = value
     if isinstance(message, Job):
         data["params"] = _encode_params(message.params)
         data.pop("messages" if message.messages is None else "prompt")
