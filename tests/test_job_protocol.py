@@ -211,11 +211,13 @@ async def test_a_worker_answers_a_job_of_another_version_with_protocol_mismatch_
     running = asyncio.create_task(worker.run())
     try:
         reply = await layer.new_channel("tripod.reply.")
-        await layer.send("tripod.generate.t", raw_job(reply, version=2))
+        await layer.send("tripod.generate.t", raw_job(reply, version=wire.PROTOCOL_VERSION + 1))
         event = await asyncio.wait_for(layer.receive(reply), 30)
         assert event["type"] == "generate.error"
         assert (event["status"], event["code"], event["error_type"]) == (503, "protocol_mismatch", "server_error")
-        assert "version 2" in event["message"] and "version 1" in event["message"], event["message"]
+        assert f"version {wire.PROTOCOL_VERSION + 1}" in event["message"] and "version 1, 2" in event["message"], event[
+            "message"
+        ]
 
         await layer.send("tripod.generate.t", raw_job(reply))
         kinds = []
