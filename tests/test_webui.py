@@ -254,6 +254,11 @@ def test_a_person_chats_in_chromium_before_and_after_opening_sampling(server, pa
         max_tokens = tab.locator("#max-tokens input[type=number]")
         max_tokens.fill("8")
         max_tokens.press("Enter")
+        max_tokens.blur()
+        # Gradio takes the number box's value into its state asynchronously; the slider's range input shows it
+        # once taken, and a message sent before that would still carry 256.
+        tab.locator("#max-tokens input[type=range]").first.wait_for()
+        tab.wait_for_function("() => document.querySelector('#max-tokens input[type=range]').value === '8'")
         box.fill("And again?")
         box.press("Enter")
         assert _reply_or_error(tab, 1)

@@ -90,6 +90,7 @@ class RawGeneration:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     eos: bool = False
+    finish_reasons: dict[int, str] | None = None  # per choice, from an engine that ``emits_choices``
     steps_after_cancel: int = 0
     # Longest wait for the next push before the reader gives up (None: the engine times out by itself).
     push_timeout: float | None = None
@@ -318,6 +319,10 @@ class ChatModel:
 
     engine: ClassVar[str] = ""
     default_slots: ClassVar[int] = 1
+    # A relay's upstream makes every choice (n) and parses tool calls itself: its deltas carry their ``index`` and
+    # ``tool_calls``, and its generation's ``finish_reasons`` names each choice's end. Other engines make one
+    # choice per generation and the server parses their text.
+    emits_choices: ClassVar[bool] = False
     registry: ClassVar[dict[str, type[ChatModel]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
