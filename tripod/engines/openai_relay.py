@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 
-from tripod.engines.base import ChatModel, Delta, Prompt, RawGeneration
+from tripod.engines.base import ChatModel, Delta, Prompt, RawGeneration, TokenLogprob, ToolCallDelta
 from tripod.errors import APIError, EngineFailure, ServiceUnavailable
-from tripod.protocol import SamplingParams
+from tripod.protocol import ResponseFormat, SamplingParams, ToolUse
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,109 @@ def _upstream_error(response: httpx.Response) -> APIError:
         return EngineFailure(f"The upstream answered {response.status_code}.", code="upstream_error", status=502)
 
 
-class RelayGeneration(RawGeneration):
-    """One upstream SSE stream, read on the worker's thread."""
+def _utf8(token: str) -> tuple[int, ...]:
+    return tuple(token.encode("utf-8", "surrogatepass"))
 
-    def __init__(self, response: httpx.Response, kind: str) -> None:
+
+def _chat_logprobs(logprobs: dict[str, Any] | None) -> tuple[TokenLogprob, ...]:
+    """A chat choice's ``logprobs.content`` entries (``bytes`` may be null: then the token's UTF-8)."""
+
+    def token_bytes(entry: dict[str, Any]) -> tuple[int, ...]:
+        raw = entry.get("bytes")
+        return tuple(raw) if raw is not None else _utf8(entry["token"])
+
+    return tuple(
+        TokenLogprob(
+            token=entry["token"],
+            bytes=token_bytes(entry),
+            logprob=float(entry["logprob"]),
+            top=tuple(
+                (top["token"], token_bytes(top), float(top["logprob"])) for top in entry.get("top_logprobs") or ()
+            ),
+        )
+        for entry in (logprobs or {}).get("content") or ()
+    )
+
+
+def _completion_logprobs(logprobs: dict[str, Any] | None) -> tuple[TokenLogprob, ...]:
+    """A text completion choice's parallel lists (``tokens``, ``token_logprobs``, ``top_logprobs`` dicts)."""
+    logprobs = logprobs or {}
+    tokens = logprobs.get("tokens") or []
+    values = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    return tuple(
+        TokenLogprob(
+            token=token,
+            bytes=_utf8(token),
+            logprob=float(value),
+            top=tuple((text, _utf8(text), float(lp)) for text, lp in (top or {}).items()),
+        )
+        for token, value, top in zip(tokens, values, tops, strict=False)
+    )
+
+
+def _tool_call_deltas(delta: dict[str, Any]) -> tuple[ToolCallDelta, ...]:
+    """The upstream's ``delta.tool_calls`` pieces, as parsed by the upstream."""
+    pieces = []
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") or {}
+        pieces.append(
+            ToolCallDelta(
+                index=int(call.get("index", 0)),
+                id=call.get("id"),
+                name=function.get("name"),
+                arguments=function.get("arguments") or "",
+            )
+        )
+    return tuple(pieces)
+
+
+def _response_format(response_format: ResponseFormat) -> dict[str, Any]:
+    """OpenAI's ``response_format``; the schema travels as parsed JSON, as the client sent it."""
+    if response_format.type == "json_object":
+        return {"type": "json_object"}
+    # OpenAI and vLLM both require a name; a client that gave none gets OpenAI's example name.
+    spec: dict[str, Any] = {"name": response_format.name or "response", "strict": response_format.strict}
+    if response_format.schema is not None:
+        spec["schema"] = json.loads(response_format.schema)
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _tools(tool_use: ToolUse) -> dict[str, Any]:
+    """OpenAI's ``tools``, ``tool_choice`` and (when calls may not run in parallel) ``parallel_tool_calls``."""
+    tools = []
+    for tool in tool_use.tools:
+        function: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        function["parameters"] = json.loads(tool.parameters)
+        if tool.strict:
+            function["strict"] = True
+        tools.append({"type": "function", "function": function})
+    if tool_use.choice == "function":
+        choice: Any = {"type": "function", "function": {"name": tool_use.function}}
+    else:
+        choice = tool_use.choice
+    fields: dict[str, Any] = {"tools": tools, "tool_choice": choice}
+    if not tool_use.parallel:
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
+class RelayGeneration(RawGeneration):
+    """One upstream SSE stream, read on the worker's thread; its deltas carry the upstream's choice index.
+
+    A delta counts one token per upstream chunk with content or tool calls (vLLM sends one per decode step),
+    or, when the request asked for logprobs, one per logprob entry, so ``tokens`` and ``logprobs`` agree.
+    """
+
+    def __init__(self, response: httpx.Response, kind: str, logprobs: bool = False) -> None:
         super().__init__()
         self.response = response
         self.kind = kind
+        self.logprobs = logprobs
         self.finish_reason: str | None = None
+        self.finish_reasons: dict[int, str] = {}
 
     def __iter__(self) -> Iterator[Delta]:
         try:
@@ -76,17 +171,38 @@ class RelayGeneration(RawGeneration):
                     self.prompt_tokens = int(usage.get("prompt_tokens", 0))
                     self.completion_tokens = int(usage.get("completion_tokens", 0))
                 for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") if self.kind == "chat" else choice.get("text")
-                    if choice.get("finish_reason"):
-                        self.finish_reason = choice["finish_reason"]
-                        self.eos = self.finish_reason == "stop"
-                    if text:
-                        yield Delta(text, 1)
+                    delta = self._delta(choice)
+                    if delta is not None:
+                        yield delta
         except httpx.HTTPError as exc:
             if not self.cancel_event.is_set():
                 raise ServiceUnavailable(f"The upstream stream broke: {exc}", code="upstream_unavailable") from exc
         finally:
             self.response.close()
+
+    def _delta(self, choice: dict[str, Any]) -> Delta | None:
+        """One choice of one upstream chunk; records its finish reason, returns what it generated (if anything)."""
+        index = int(choice.get("index", 0))
+        if self.kind == "chat":
+            message = choice.get("delta") or {}
+            text = message.get("content") or ""
+            tool_calls = _tool_call_deltas(message)
+            logprobs = _chat_logprobs(choice.get("logprobs")) if self.logprobs else ()
+        else:
+            text = choice.get("text") or ""
+            tool_calls = ()
+            logprobs = _completion_logprobs(choice.get("logprobs")) if self.logprobs else ()
+        reason = choice.get("finish_reason")
+        if reason:
+            self.finish_reasons[index] = reason
+            if index == 0:
+                self.finish_reason = reason
+                # The model ended its reply itself: with text, or with the calls it made.
+                self.eos = reason in ("stop", "tool_calls")
+        if not (text or tool_calls or logprobs):
+            return None
+        tokens = len(logprobs) if self.logprobs else 1
+        return Delta(text, tokens, logprobs=logprobs, tool_calls=tool_calls, index=index)
 
     def cancel(self) -> None:
         super().cancel()
@@ -107,6 +223,7 @@ class OpenAIRelayModel(ChatModel):
 
     engine = "openai"
     default_slots = 64
+    emits_choices = True  # the upstream makes the n choices and parses tool calls; we relay them as they come
 
     def __init__(self, engine: str | None = None, model_name: str | None = None, **options: Any) -> None:
         super().__init__(engine, model_name, **options)
@@ -155,6 +272,21 @@ class OpenAIRelayModel(ChatModel):
             "ignore_eos": params.ignore_eos or None,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
+        if params.n != 1:
+            body["n"] = params.n
+        if params.logprobs:
+            if isinstance(prompt, str):
+                body["logprobs"] = params.top_logprobs  # text completions: how many alternatives, 0 for none
+            else:
+                body["logprobs"] = True
+                if params.top_logprobs:
+                    body["top_logprobs"] = params.top_logprobs
+        if params.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
+        if params.response_format is not None:
+            body["response_format"] = _response_format(params.response_format)
+        if params.tools is not None:
+            body.update(_tools(params.tools))
         return body
 
     def _start_raw(
@@ -180,4 +312,4 @@ class OpenAIRelayModel(ChatModel):
                 raise _upstream_error(response)
             finally:
                 response.close()
-        return RelayGeneration(response, kind), params.max_tokens or 0
+        return RelayGeneration(response, kind, logprobs=params.logprobs), params.max_tokens or 0
