@@ -2,7 +2,9 @@
 
 A model that vLLM shards across several GPUs sits behind this server's API, limits and metrics
 through one worker of this engine. Streaming is relayed as it arrives; cancelling closes the upstream
-stream, which makes a well-behaved upstream stop generating.
+stream, which makes a well-behaved upstream stop generating. The upstream makes the ``n`` choices, enforces
+``response_format`` and parses tool calls itself: each field goes upstream as OpenAI names it, and what comes back
+is relayed in the deltas' ``index``, ``tool_calls`` and ``logprobs`` (``emits_choices``).
 """
 
 from __future__ import annotations
