@@ -18,7 +18,8 @@ from typing import Any
 
 from asgi_worker.pull import RETRY_SECONDS
 from tripod import job_protocol as wire
-from tripod.engines.base import ChatModel, TokenStream
+from tripod.engines.base import ChatModel
+from tripod.engines.reply import Reply
 from tripod.errors import ServiceUnavailable
 from tripod.registry import REGISTRY_ERRORS
 
@@ -35,7 +36,7 @@ class Runs:
     """The generations running on one worker, and the cancels, give-ups and aborts that stop them."""
 
     def __init__(self) -> None:
-        self.running: dict[str, TokenStream] = {}
+        self.running: dict[str, Reply] = {}
         # The web process that reads each running job, where the job names one (scaled).
         self.readers: dict[str, str] = {}
         self._cancelled: dict[str, float] = {}
@@ -77,11 +78,12 @@ class Runs:
         self._aborted.discard(job_id)
         self._given_up.discard(job_id)
 
-    async def start(self, job: wire.Job, model: ChatModel, executor: Executor) -> TokenStream:
-        """Start the job's generation (tokenizing and admitting it block, so on ``executor``) and track it."""
+    async def start(self, job: wire.Job, model: ChatModel, executor: Executor) -> Reply:
+        """Start the job's generations, one per choice (tokenizing and admitting them block, so on ``executor``),
+        and track them."""
         limits = {"max_prompt_tokens": job.max_prompt_tokens, "max_tokens_cap": job.max_tokens_cap}
         loop = asyncio.get_running_loop()
-        stream = await loop.run_in_executor(executor, partial(model.start, job.input, job.params, **limits))
+        stream = await loop.run_in_executor(executor, partial(model.start_reply, job.input, job.params, **limits))
         self.running[job.id] = stream
         if job.web:
             self.readers[job.id] = job.web
@@ -95,7 +97,7 @@ class Runs:
         self.readers.pop(job_id, None)
 
     async def relay(
-        self, job_id: str, reply: str, stream: TokenStream, send: Send, interval: int | Callable[[], int], hold: float
+        self, job_id: str, reply: str, stream: Reply, send: Send, interval: int | Callable[[], int], hold: float
     ) -> None:
         """Relay the stream's deltas, merged as the job asks (``interval`` and ``hold``: ``TokenStream.deltas_async``).
 
@@ -104,7 +106,7 @@ class Runs:
         seq = 0
         async with aclosing(stream.deltas_async(interval, hold)) as deltas:
             async for delta in deltas:
-                message = wire.Delta(job_id, delta.text, delta.tokens, seq)
+                message = wire.Delta.from_engine(job_id, seq, delta)
                 seq += 1
                 if job_id in self._given_up or not await send(reply, message):
                     return  # the reader is gone: leaving the loop cancels the generation
@@ -112,7 +114,8 @@ class Runs:
             return  # not this worker's job any more: its client heard, or hears, from another
         if job_id in self._aborted:
             raise ServiceUnavailable("The worker shut down before this generation finished.", code="worker_shutdown")
-        await send(reply, wire.Done(job_id, stream.finish_reason, stream.usage()))
+        reasons = stream.finish_reasons
+        await send(reply, wire.Done(job_id, reasons[0], stream.usage(), reasons if len(reasons) > 1 else None))
 
 
 async def listen_for_cancels(layer: Any, control_channel: str, runs: Runs) -> None:

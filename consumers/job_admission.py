@@ -121,6 +121,6 @@ async def _reserve_exactly(job: GenerationJob, max_tokens: int | None) -> None:
     if job.lease is None or not max_tokens:
         return
     try:
-        await job.lease.resize(job.prompt_tokens + int(max_tokens))
+        await job.lease.resize(job.prompt_tokens + job.request.params.n * int(max_tokens))
     except REGISTRY_ERRORS:
         pass  # keep the bound taken at admission

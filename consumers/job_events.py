@@ -60,12 +60,20 @@ async def read_deltas(job: GenerationJob, tick: float | None) -> AsyncIterator[D
 def _apply(job: GenerationJob, event: wire.Message) -> Delta | None:
     """What one event says of the job: a delta to yield, its end (``Done``), or its error (raised)."""
     if isinstance(event, wire.Delta):
-        delta = Delta(event.text, int(event.tokens))
+        try:
+            delta = event.to_engine()
+        except wire.ProtocolError as exc:
+            raise EngineFailure(
+                f"The worker sent a delta this server cannot read: {exc}", code="protocol_error"
+            ) from None
         _observe(job, delta)
         return delta
     if isinstance(event, wire.Done):
         job.finished = True
         job.finish_reason = event.finish_reason
+        n = job.request.params.n
+        reasons = list(event.finish_reasons or [event.finish_reason] * n)
+        job.finish_reasons = (reasons + [event.finish_reason] * n)[:n]
         job.cancelled = job.finish_reason is None
         job.usage = event.usage
     elif isinstance(event, wire.Error):

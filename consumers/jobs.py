@@ -30,6 +30,7 @@ from tripod.observability.metrics import RequestMetrics
 from tripod.patches.request_threads import outlive_request
 from tripod.protocol import GenerationRequest
 from tripod.registry import REGISTRY_ERRORS
+from tripod.responses import ReplyText
 
 
 class GenerationJob:
@@ -70,6 +71,7 @@ class GenerationJob:
         self.prompt_tokens = 0
         self.tokens_seen = 0  # completion tokens received, for a job that ends with no usage report
         self.finish_reason: str | None = None
+        self.finish_reasons: list[str | None] = [None] * request.params.n  # one per choice, once done
         self.cancelled = False
         self.usage: dict[str, int] | None = None
         self.finished = False
@@ -108,10 +110,15 @@ class GenerationJob:
             self.error = error
             raise
 
-    async def result(self) -> str:
-        """Run to the end and return the whole text (non-streaming requests)."""
+    async def result(self) -> ReplyText:
+        """Run to the end and return every choice's text, tool calls and logprobs (non-streaming requests)."""
         await self.start()
-        return "".join([delta.text async for delta in self.deltas() if delta is not None])
+        params = self.request.params
+        reply = ReplyText(params.n, params.logprobs)
+        async for delta in self.deltas():
+            if delta is not None:
+                reply.add(delta)
+        return reply
 
     async def cancel(self, *, force: bool = False) -> None:
         """Ask the worker to stop; its ``done`` event (with exact usage) still arrives."""

@@ -61,7 +61,7 @@ async def begin(job: GenerationJob) -> dict[str, Any]:
 
 async def _produce(job: GenerationJob, stream_id: str, store: streams.StreamStore) -> None:
     request = job.request
-    builder = ChunkBuilder(request.kind, job.model, request.include_usage)
+    builder = ChunkBuilder(request.kind, job.model, request.include_usage, request.params.logprobs)
     frame_id = 0
 
     async def put(text: str) -> None:
@@ -75,15 +75,17 @@ async def _produce(job: GenerationJob, stream_id: str, store: streams.StreamStor
         try:
             try:
                 async for delta in job.deltas(tick=READER_CHECK_SECONDS):
-                    if delta is not None and delta.text:
-                        await put(builder.delta_json(delta.text))
+                    if delta is not None and (delta.text or delta.tool_calls or delta.logprobs):
+                        await put(builder.render(delta))
                     if reader_timeout and time.monotonic() - checked_at >= READER_CHECK_SECONDS:
                         checked_at = time.monotonic()
                         if time.time() - await store.last_reader(stream_id) > reader_timeout:
                             # Nobody has read this stream for a while: stop spending the engine on it.
                             logger.info("stream %s: no reader for %g s, cancelling", stream_id, reader_timeout)
                             await job.cancel()
-                await put(compact_json(builder.finish("cancelled" if job.cancelled else job.finish_reason)))
+                for index in range(request.params.n):
+                    reason = "cancelled" if job.cancelled else job.finish_reasons[index]
+                    await put(compact_json(builder.finish(reason, index)))
                 if request.include_usage:
                     await put(compact_json(builder.usage(job.usage)))
             except APIError as error:

@@ -29,19 +29,20 @@ def frame(payload: dict | str) -> bytes:
 async def event_stream(job: GenerationJob) -> AsyncIterator[bytes]:
     """Frames for an admitted job: deltas, the finish chunk, the usage chunk if asked, ``[DONE]``."""
     request = job.request
-    builder = ChunkBuilder(request.kind, job.model, request.include_usage)
+    builder = ChunkBuilder(request.kind, job.model, request.include_usage, request.params.logprobs)
     try:
         try:
             async for delta in job.deltas(tick=config().sse_keepalive):
                 if delta is None:
                     yield KEEPALIVE
-                elif delta.text:
-                    yield frame(builder.delta_json(delta.text))
+                elif delta.text or delta.tool_calls or delta.logprobs:
+                    yield frame(builder.render(delta))
         except APIError as error:
             yield frame(error.to_dict())
             yield DONE
             return
-        yield frame(builder.finish(job.finish_reason))
+        for index in range(request.params.n):
+            yield frame(builder.finish(job.finish_reasons[index], index))
         if request.include_usage:
             yield frame(builder.usage(job.usage))
         yield DONE

@@ -16,10 +16,12 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from consumers.jobs import GenerationJob
 from tripod.accounts.keys import authenticate_async, websocket_token
 from tripod.conf import config
+from tripod.engines.base import Delta
 from tripod.errors import APIError, EngineFailure, InvalidRequest
 from tripod.observability.logs import REQUEST_ID, clean_request_id
-from tripod.protocol import parse_chat_request, parse_completion_request, reject_lone_surrogates
+from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request, reject_lone_surrogates
 from tripod.registry import REGISTRY_ERRORS, get_registry
+from tripod.responses import chat_logprobs, completion_logprobs, tool_call_chunks
 
 logger = logging.getLogger(__name__)
 MAX_ID_LENGTH = 128
@@ -45,6 +47,22 @@ async def fair_share(model: str) -> int:
             workers = []  # the job itself reports the outage
         slots = sum(worker.slots for worker in workers if worker.model == model and not worker.draining)
     return max(1, min(cfg.ws_max_inflight, slots // 2))
+
+
+def delta_frame(request_id: Any, seq: int, delta: Delta, request: GenerationRequest) -> dict[str, Any]:
+    """A ``delta`` frame: text and tokens, and where the request asks, its choice, tool calls and logprobs, in the
+    shapes of OpenAI's chunks (``docs/websocket.md``)."""
+    frame: dict[str, Any] = {"type": "delta", "id": request_id, "text": delta.text, "tokens": delta.tokens, "seq": seq}
+    if request.params.n > 1:
+        frame["index"] = delta.index
+    if delta.tool_calls:
+        frame["tool_calls"] = tool_call_chunks(delta.tool_calls)
+    if request.params.logprobs:
+        if request.kind == "chat":
+            frame["logprobs"] = chat_logprobs(delta.logprobs)["content"]
+        else:
+            frame["logprobs"] = completion_logprobs(delta.logprobs)
+    return frame
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -134,9 +152,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if kind in ("chat", "completion") and not await self.key_still_valid(request_id):
             return
         if kind == "chat":
-            request = parse_chat_request(body, max_messages=config().max_messages)
+            request = parse_chat_request(body, max_messages=config().max_messages, max_n=config().max_n)
         elif kind == "completion":
-            request = parse_completion_request(body)
+            request = parse_completion_request(body, max_n=config().max_n)
         else:
             raise InvalidRequest("'type' must be 'chat', 'completion' or 'cancel'.", param="type", code="invalid_frame")
         if key in self.jobs:
@@ -186,19 +204,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 )
                 seq = 0
                 async for delta in job.deltas():
-                    if delta is not None and delta.text:
-                        await self.send_json(
-                            {"type": "delta", "id": request_id, "text": delta.text, "tokens": delta.tokens, "seq": seq}
-                        )
+                    if delta is not None and (delta.text or delta.tool_calls or delta.logprobs):
+                        await self.send_json(delta_frame(request_id, seq, delta, job.request))
                         seq += 1
-                await self.send_json(
-                    {
-                        "type": "done",
-                        "id": request_id,
-                        "finish_reason": "cancelled" if job.cancelled else job.finish_reason,
-                        "usage": job.usage,
-                    }
-                )
+                done = {
+                    "type": "done",
+                    "id": request_id,
+                    "finish_reason": "cancelled" if job.cancelled else job.finish_reason,
+                    "usage": job.usage,
+                }
+                if job.request.params.n > 1:
+                    done["finish_reasons"] = [
+                        "cancelled" if job.cancelled else job.finish_reasons[i] for i in range(job.request.params.n)
+                    ]
+                await self.send_json(done)
             except APIError as error:
                 await self.send_error(request_id, error)
             except Exception:  # noqa: BLE001 - a request must end with a frame, whatever broke

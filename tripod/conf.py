@@ -46,6 +46,8 @@ class Config:
     http_header_timeout: float
     http_idle_timeout: float
     max_messages: int
+    max_n: int
+    tool_parser: str
     queue_timeout: float
     event_timeout: float
     engine_step_timeout: float
@@ -125,6 +127,8 @@ def config() -> Config:
         http_header_timeout=float(raw.get("HTTP_HEADER_TIMEOUT", 10)),
         http_idle_timeout=float(raw.get("HTTP_IDLE_TIMEOUT", 30)),
         max_messages=int(raw["MAX_MESSAGES"]),
+        max_n=_at_least_one("TRIPOD_MAX_N", raw.get("MAX_N", 8)),
+        tool_parser=raw.get("TOOL_PARSER", ""),
         queue_timeout=float(raw["QUEUE_TIMEOUT"]),
         event_timeout=float(raw["EVENT_TIMEOUT"]),
         engine_step_timeout=float(raw["ENGINE_STEP_TIMEOUT"]),

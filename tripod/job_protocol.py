@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from tripod.engines.base import Delta as EngineDelta
     from tripod.errors import APIError
     from tripod.protocol import SamplingParams
 
@@ -119,6 +120,35 @@ class Delta:
     tool_calls: list[dict[str, Any]] | None = None
     # One entry per token: {"token", "bytes", "logprob", "top": [[token, bytes, logprob], ...]}.
     logprobs: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def from_engine(cls, job_id: str, seq: int, delta: EngineDelta) -> Delta:
+        """The message for an engine's delta (``tripod.engines.base.Delta``)."""
+        tool_calls = [dataclasses.asdict(call) for call in delta.tool_calls] or None
+        logprobs = [
+            {"token": lp.token, "bytes": list(lp.bytes), "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+            for lp in delta.logprobs
+        ] or None
+        return cls(job_id, delta.text, delta.tokens, seq, delta.index, tool_calls, logprobs)
+
+    def to_engine(self) -> EngineDelta:
+        """The engine delta this message carries; a malformed field is a ``ProtocolError``."""
+        from tripod.engines.base import Delta, TokenLogprob, ToolCallDelta
+
+        try:
+            calls = tuple(ToolCallDelta(**call) for call in self.tool_calls or ())
+            logprobs = tuple(
+                TokenLogprob(
+                    lp["token"],
+                    tuple(lp["bytes"]),
+                    float(lp["logprob"]),
+                    tuple((token, tuple(raw), float(value)) for token, raw, value in lp.get("top") or ()),
+                )
+                for lp in self.logprobs or ()
+            )
+            return Delta(self.text, int(self.tokens), logprobs, calls, int(self.index))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ProtocolError(f"A delta of job {self.id} holds a malformed field: {exc}", job_id=self.id) from None
 
 
 @dataclass(frozen=True)

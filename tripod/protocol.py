@@ -15,6 +15,9 @@ ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOP_SEQUENCES = 4
 MAX_TOKENS_LIMIT = 1 << 31
 SEED_MODULUS = 1 << 63
+DEFAULT_MAX_N = 8  # TRIPOD_MAX_N
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
 
 # Accepted and ignored: they change nothing about the generated text.
 _IGNORED_FIELDS = {
@@ -22,7 +25,6 @@ _IGNORED_FIELDS = {
     "metadata",
     "store",
     "service_tier",
-    "parallel_tool_calls",
     "prompt_cache_key",
     "safety_identifier",
 }
@@ -243,13 +245,99 @@ def _seed(body: dict) -> int | None:
     return value % SEED_MODULUS
 
 
-def _sampling(body: dict, *, default_max_tokens: int | None) -> SamplingParams:
+def _n(body: dict, max_n: int) -> int:
+    value = body.get("n")
+    if value is None:
+        return 1
+    if not _is_int(value) or value < 1:
+        raise InvalidRequest("'n' must be a positive integer.", param="n", code="invalid_value")
+    if value > max_n:
+        raise InvalidRequest(
+            f"'n' is {value}; this server makes at most {max_n} choices per request (TRIPOD_MAX_N).",
+            param="n",
+            code="invalid_value",
+        )
+    return value
+
+
+def _logprobs(body: dict, kind: str) -> tuple[bool, int]:
+    """(wanted, alternatives per token): chat's ``logprobs`` + ``top_logprobs``; completions' ``logprobs`` N."""
+    value = body.get("logprobs")
+    if kind == "completion":
+        if value is None:
+            return False, 0
+        if not _is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(
+                f"'logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}.", param="logprobs", code="invalid_value"
+            )
+        return True, value
+    wanted = _bool(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return wanted, 0
+    if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(
+            f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}.",
+            param="top_logprobs",
+            code="invalid_value",
+        )
+    if top and not wanted:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs", code="invalid_value")
+    return wanted, top
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """``logit_bias``: token id (a decimal string, as JSON keys are) -> -100..100; the worker checks the ids exist."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            "'logit_bias' must be an object mapping token ids to biases.", param="logit_bias", code="invalid_type"
+        )
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            f"'logit_bias' has {len(value)} entries; the limit is {MAX_LOGIT_BIAS}.",
+            param="logit_bias",
+            code="invalid_value",
+        )
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
+            raise InvalidRequest(
+                f"'logit_bias' keys must be token ids (non-negative integers), got {key!r}.",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        if not _is_number(bias) or not -100 <= bias <= 100:
+            raise InvalidRequest(
+                f"'logit_bias[{key}]' must be a number from -100 to 100, got {bias!r}.",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(dict(pairs).items()))
+
+
+def _sampling(body: dict, *, kind: str, default_max_tokens: int | None, max_n: int) -> SamplingParams:
+    from tripod.tool_requests import parse_response_format, parse_tool_use
+
     top_k = body.get("top_k")
     if top_k is None:
         top_k = 0
     elif not _is_int(top_k) or top_k < -1:
         raise InvalidRequest(
             "'top_k' must be an integer >= -1 (0 or -1 disables it).", param="top_k", code="invalid_value"
+        )
+    logprobs, top_logprobs = _logprobs(body, kind)
+    response_format = parse_response_format(body.get("response_format")) if kind == "chat" else None
+    tools = parse_tool_use(body) if kind == "chat" else None
+    if body.get("ignore_eos") and (response_format is not None or (tools is not None and tools.forced)):
+        raise InvalidRequest(
+            "'ignore_eos' cannot be combined with a grammar-enforced reply (response_format, or a forced tool_choice):"
+            " the reply ends where the grammar does.",
+            param="ignore_eos",
+            code="invalid_value",
         )
     return SamplingParams(
         max_tokens=_max_tokens(body, default_max_tokens),
@@ -261,36 +349,29 @@ def _sampling(body: dict, *, default_max_tokens: int | None) -> SamplingParams:
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         ignore_eos=_bool(body, "ignore_eos"),
+        n=_n(body, max_n),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        logit_bias=_logit_bias(body),
+        response_format=response_format,
+        tools=tools,
     )
 
 
 def _reject_unsupported(body: dict, known: set[str]) -> None:
     """Refuse what we would otherwise silently ignore: the client would get something it did not ask for."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        if not _is_int(n) or n < 1:
-            raise InvalidRequest("'n' must be a positive integer.", param="n", code="invalid_value")
-        raise InvalidRequest("Only n=1 is supported.", param="n", code="unsupported_value")
-    for name in ("logprobs", "echo"):
-        if body.get(name) not in (None, False, 0):
+    for name in ("echo",):
+        if body.get(name) not in (None, False):
             raise InvalidRequest(f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
-    for name in ("top_logprobs", "suffix"):
-        if body.get(name) is not None:
-            raise InvalidRequest(f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
+    if body.get("suffix") is not None:
+        raise InvalidRequest("'suffix' is not supported by this server.", param="suffix", code="unsupported_parameter")
     if body.get("best_of") not in (None, 1):
         raise InvalidRequest("Only best_of=1 is supported.", param="best_of", code="unsupported_value")
-    if body.get("logit_bias") not in (None, {}):
-        raise InvalidRequest(
-            "'logit_bias' is not supported by this server.", param="logit_bias", code="unsupported_parameter"
-        )
-    if body.get("tools") not in (None, []) or body.get("functions") not in (None, []):
-        param = "tools" if body.get("tools") not in (None, []) else "functions"
-        raise InvalidRequest("Tool calling is not supported by this server.", param=param, code="unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise InvalidRequest(
-            "Only response_format {'type': 'text'} is supported.", param="response_format", code="unsupported_value"
-        )
+    for name, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+        if body.get(name) is not None:
+            raise InvalidRequest(
+                f"'{name}' is OpenAI's deprecated form; use '{instead}'.", param=name, code="unsupported_parameter"
+            )
     unknown = sorted(set(body) - known - _IGNORED_FIELDS)
     if unknown:
         raise InvalidRequest(
@@ -321,6 +402,7 @@ _CHAT_FIELDS = _COMMON_FIELDS | {
     "top_logprobs",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
     "functions",
     "function_call",
     "response_format",
@@ -458,20 +540,16 @@ def _require_object(body: Any) -> dict:
     return body
 
 
-def parse_chat_request(body: Any, *, max_messages: int) -> GenerationRequest:
+def parse_chat_request(body: Any, *, max_messages: int, max_n: int = DEFAULT_MAX_N) -> GenerationRequest:
     """Validate a ``POST /v1/chat/completions`` body (or a WebSocket ``chat`` frame)."""
     body = _require_object(body)
     _reject_unsupported(body, _CHAT_FIELDS)
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise InvalidRequest(
-            "Tool calling is not supported by this server.", param="tool_choice", code="unsupported_parameter"
-        )
     messages = parse_messages(body.get("messages"), max_messages)
     stream, include_usage = _stream_flags(body)
     return GenerationRequest(
         kind="chat",
         model=_model(body),
-        params=_sampling(body, default_max_tokens=None),
+        params=_sampling(body, kind="chat", default_max_tokens=None, max_n=max_n),
         messages=messages,
         stream=stream,
         include_usage=include_usage,
@@ -483,7 +561,7 @@ def parse_chat_request(body: Any, *, max_messages: int) -> GenerationRequest:
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
-def parse_completion_request(body: Any) -> GenerationRequest:
+def parse_completion_request(body: Any, *, max_n: int = DEFAULT_MAX_N) -> GenerationRequest:
     """Validate a ``POST /v1/completions`` body (or a WebSocket ``completion`` frame)."""
     body = _require_object(body)
     _reject_unsupported(body, _COMPLETION_FIELDS)
@@ -500,7 +578,7 @@ def parse_completion_request(body: Any) -> GenerationRequest:
     return GenerationRequest(
         kind="completion",
         model=_model(body),
-        params=_sampling(body, default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS),
+        params=_sampling(body, kind="completion", default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS, max_n=max_n),
         prompt=prompt,
         stream=stream,
         include_usage=include_usage,

@@ -205,6 +205,10 @@ TRIPOD = {
     "HTTP_HEADER_TIMEOUT": float(os.environ.get("TRIPOD_HTTP_HEADER_TIMEOUT", "10")),
     "HTTP_IDLE_TIMEOUT": float(os.environ.get("TRIPOD_HTTP_IDLE_TIMEOUT", "30")),
     "MAX_MESSAGES": int(os.environ.get("TRIPOD_MAX_MESSAGES", "1024")),
+    # The most choices (`n`) one request may ask for.
+    "MAX_N": int(os.environ.get("TRIPOD_MAX_N", "8")),
+    # How tool calls are read out of the model's text: hermes, llama3 or mistral; empty: told by the chat template.
+    "TOOL_PARSER": os.environ.get("TRIPOD_TOOL_PARSER", ""),
     "QUEUE_TIMEOUT": QUEUE_TIMEOUT,
     "REDIS_URL": REDIS_URL,
     "HEARTBEAT_INTERVAL": float(os.environ.get("TRIPOD_HEARTBEAT_INTERVAL", "1")),

@@ -55,13 +55,14 @@ def reservation(request: GenerationRequest, max_tokens_cap: int = 0) -> tuple[in
 
     Without ``max_tokens``, the completion may run to the server's cap, else to the end of the context window,
     which only the worker knows: the reservation is then capped by the key's limit, and set exactly once the
-    worker reports its budget.
+    worker reports its budget. Each of ``n`` choices may use the whole budget; the prompt counts once.
     """
     prompt = prompt_token_bound(request)
+    n = request.params.n
     max_tokens = request.params.max_tokens or max_tokens_cap or None
     if max_tokens is None:
-        return math.inf, 1
-    return prompt + max_tokens, 1 + (request.params.max_tokens or 0)
+        return math.inf, n
+    return prompt + n * max_tokens, n * (1 + (request.params.max_tokens or 0))
 
 
 @dataclass

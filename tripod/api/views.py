@@ -24,7 +24,6 @@ from tripod.errors import APIError, InvalidRequest, ModelNotFound
 from tripod.observability import metrics, readiness
 from tripod.patches.drf_async_view import AsyncAPIView
 from tripod.protocol import GenerationRequest, parse_chat_request, parse_completion_request
-from tripod.responses import completion
 
 _STARTED = int(time.time())
 
@@ -38,14 +37,9 @@ def _content_length(request: Request) -> None:
 
 async def _complete(job: GenerationJob) -> dict:
     async with job:
-        text = await job.result()
-    return completion(
-        job.request.kind,
-        model=job.model,
-        text=text,
-        finish_reason=job.finish_reason,
-        usage=job.usage,
-    )
+        reply = await job.result()
+    reasons = [job.finish_reasons[i] for i in range(job.request.params.n)]
+    return reply.completion(job.request.kind, model=job.model, finish_reasons=reasons, usage=job.usage)
 
 
 async def _start(job: GenerationJob) -> None:
@@ -94,7 +88,7 @@ class ChatCompletionsView(GenerationView):
     """``POST /v1/chat/completions`` (and the seed's ``/api/chat/completions``)."""
 
     def parse(self, data) -> GenerationRequest:
-        return parse_chat_request(data, max_messages=config().max_messages)
+        return parse_chat_request(data, max_messages=config().max_messages, max_n=config().max_n)
 
 
 @extend_schema_view(
@@ -109,7 +103,7 @@ class CompletionsView(GenerationView):
     """``POST /v1/completions``: a raw prompt, no chat template."""
 
     def parse(self, data) -> GenerationRequest:
-        return parse_completion_request(data)
+        return parse_completion_request(data, max_n=config().max_n)
 
 
 @extend_schema_view(
@@ -138,7 +132,10 @@ class StreamCreateView(AsyncAPIView):
             raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
         if not isinstance(request.data, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
-        generation = parse_chat_request({**request.data, "stream": True}, max_messages=config().max_messages)
+        cfg = config()
+        generation = parse_chat_request(
+            {**request.data, "stream": True}, max_messages=cfg.max_messages, max_n=cfg.max_n
+        )
         job = GenerationJob(generation, request.user, transport="sse", request_id=getattr(request, "request_id", None))
         await _start(job)
         return Response(await resumable.begin(job), status=201)

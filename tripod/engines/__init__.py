@@ -59,6 +59,7 @@ def get_chat_model(model_name: str | None = None, engine: str | None = None) -> 
                 cb_kv_padding=cfg.cb_kv_padding,
                 cb_packed_gqa=cfg.cb_packed_gqa,
                 cb_split_keys=cfg.cb_split_keys,
+                tool_parser=cfg.tool_parser,
                 upstream_url=cfg.upstream_url,
                 upstream_api_key=cfg.upstream_api_key,
             )

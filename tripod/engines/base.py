@@ -7,6 +7,7 @@ OpenAI response shape are handled here once, so that engines only produce tokens
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import threading
 import time
@@ -14,12 +15,15 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tripod.engines.text import StopMatcher
-from tripod.errors import EngineFailure
-from tripod.protocol import SamplingParams
-from tripod.responses import chat_completion
+from tripod.errors import EngineFailure, InvalidRequest
+from tripod.protocol import SEED_MODULUS, SamplingParams
+
+if TYPE_CHECKING:
+    from tripod.engines.reply import Reply
+    from tripod.engines.tool_calls import ToolCallFormat
 
 Prompt = list[dict[str, Any]] | str
 
@@ -134,6 +138,27 @@ class RawGeneration:
         await asyncio.to_thread(self.close)
 
 
+def merge_deltas(parts: list[Delta]) -> Delta:
+    """Consecutive deltas of one choice as one: text joined, tokens summed, a tool call's argument pieces joined."""
+    if len(parts) == 1:
+        return parts[0]
+    calls: list[ToolCallDelta] = []
+    for part in parts:
+        for call in part.tool_calls:
+            last = calls[-1] if calls else None
+            if last is not None and last.index == call.index and call.id is None and call.name is None:
+                calls[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + call.arguments)
+            else:
+                calls.append(call)
+    return Delta(
+        "".join(part.text for part in parts),
+        sum(part.tokens for part in parts),
+        tuple(lp for part in parts for lp in part.logprobs),
+        tuple(calls),
+        parts[0].index,
+    )
+
+
 class _Inbox:
     """Pushed items for one asyncio reader: ``put`` on the loop, ``take`` everything pending at once.
 
@@ -190,16 +215,20 @@ class _Inbox:
 class TokenStream:
     """One generation as the server sees it: deltas with stop sequences applied, then a finish reason."""
 
-    def __init__(self, raw: RawGeneration, params: SamplingParams, max_tokens: int, on_finish=None) -> None:
+    def __init__(
+        self, raw: RawGeneration, params: SamplingParams, max_tokens: int, on_finish=None, apply_stops: bool = True
+    ) -> None:
         self.id = uuid.uuid4().hex
         self.raw = raw
         self.params = params
         self.max_tokens = max_tokens
         self.finish_reason: str | None = None
-        self._stops = StopMatcher(params.stop)
+        # An engine that emits every choice (a relay) applies stops upstream, per choice.
+        self._stops = StopMatcher(params.stop if apply_stops else ())
         self._on_finish = on_finish
         self._finished = False
         self._pending_tokens = 0  # tokens behind text the stop matcher still holds back
+        self._pending_logprobs: list[TokenLogprob] = []  # and their log-probabilities
 
     @property
     def prompt_tokens(self) -> int:
@@ -219,6 +248,11 @@ class TokenStream:
     def cancel(self) -> None:
         """Stop generating; safe from any thread."""
         self.raw.cancel()
+
+    def close(self) -> None:
+        """Stop and release a stream that will not be read (a request whose other choices failed to start)."""
+        self.raw.cancel()
+        self._finish()
 
     def __iter__(self) -> Iterator[Delta]:
         try:
@@ -251,19 +285,19 @@ class TokenStream:
         ended = False
         try:
             while not ended:
-                text, tokens = [], 0
+                merged: dict[int, list[Delta]] = {}  # by choice: only a relay's stream holds several
                 for item in await inbox.take(self.raw.push_timeout):
                     if isinstance(item, BaseException):
                         raise item
                     accepted = self._end() if item is END else self._accept(item)
                     ended = item is END or self._stops.stopped
                     if accepted is not None:
-                        text.append(accepted.text)
-                        tokens += accepted.tokens
+                        merged.setdefault(accepted.index, []).append(accepted)
                     if ended:
                         break
-                if text or tokens:
-                    yield Delta("".join(text), tokens)
+                for parts in merged.values():
+                    yield merge_deltas(parts)
+                if merged:
                     inbox.min_tokens = next_interval() or math.inf
         finally:
             if not ended:
@@ -277,13 +311,15 @@ class TokenStream:
         """One raw delta through the stop sequences: what is safe to emit, with the tokens behind it."""
         text = self._stops.feed(delta.text)
         self._pending_tokens += delta.tokens
+        self._pending_logprobs.extend(delta.logprobs)
         if self._stops.stopped:
             self.raw.cancel()
             self.finish_reason = "stop"
-        if not text:
+        if not text and not delta.tool_calls:
             return None
-        accepted = Delta(text, self._pending_tokens)
+        accepted = Delta(text, self._pending_tokens, tuple(self._pending_logprobs), delta.tool_calls, delta.index)
         self._pending_tokens = 0
+        self._pending_logprobs = []
         return accepted
 
     def _end(self) -> Delta | None:
@@ -296,7 +332,8 @@ class TokenStream:
             self.finish_reason = "length"
         tail = self._stops.flush()
         tokens, self._pending_tokens = self._pending_tokens, 0
-        return Delta(tail, tokens) if tail or tokens else None
+        logprobs, self._pending_logprobs = tuple(self._pending_logprobs), []
+        return Delta(tail, tokens, logprobs) if tail or tokens else None
 
     def _finish(self) -> None:
         if self._finished:
@@ -319,6 +356,8 @@ class ChatModel:
 
     engine: ClassVar[str] = ""
     default_slots: ClassVar[int] = 1
+    # How tool calls look in this model's text (engines/tool_calls.py); None: its template renders no tools.
+    tool_format: ToolCallFormat | None = None
     # A relay's upstream makes every choice (n) and parses tool calls itself: its deltas carry their ``index`` and
     # ``tool_calls``, and its generation's ``finish_reasons`` names each choice's end. Other engines make one
     # choice per generation and the server parses their text.
@@ -397,19 +436,57 @@ class ChatModel:
             )
         )
 
+    def start_reply(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        max_prompt_tokens: int | None = None,
+        max_tokens_cap: int | None = None,
+    ) -> Reply:
+        """Start every choice of a request (``params.n``), each with its tool-call parser; see ``engines/reply.py``."""
+        from tripod.engines.reply import Reply
+
+        limits = {"max_prompt_tokens": max_prompt_tokens, "max_tokens_cap": max_tokens_cap}
+        if self.emits_choices:
+            return Reply([self.start(prompt, params, **limits)], [None], choices=params.n)
+        if params.tools is not None and self.tool_format is None:
+            raise InvalidRequest(
+                f"The model '{self.model_name}' has no tool-call format: its chat template renders no tools. Set "
+                "TRIPOD_TOOL_PARSER (hermes, llama3 or mistral) if it was trained for one.",
+                param="tools",
+                code="tools_unsupported",
+            )
+        streams: list[TokenStream] = []
+        try:
+            for i in range(params.n):
+                streams.append(self.start(prompt, choice_params(params, i), **limits))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        parsers = [self.tool_format.parser(params.tools) if params.tools is not None else None for _ in streams]
+        return Reply(streams, parsers)
+
     def generate(self, messages_or_prompt: Prompt, **params: Any) -> dict[str, Any]:
         """Run one request to the end and return an OpenAI ``chat.completion`` dict."""
+        from tripod.responses import ReplyText
+
         sampling = params.pop("sampling", None) or SamplingParams(**params)
-        stream = self.start(messages_or_prompt, sampling)
-        text = "".join(delta.text for delta in stream)
-        return chat_completion(
-            model=self.model_name or "",
-            text=text,
-            finish_reason=stream.finish_reason,
-            usage=stream.usage(),
+        reply = self.start_reply(messages_or_prompt, sampling)
+        text = ReplyText(reply.choices, sampling.logprobs)
+        for delta in reply:
+            text.add(delta)
+        return text.completion(
+            "chat", model=self.model_name or "", finish_reasons=reply.finish_reasons, usage=reply.usage()
         )
 
     def stream(self, messages_or_prompt: Prompt, **params: Any) -> TokenStream:
         """The streaming method of the contract: iterate for deltas, ``cancel()`` to stop."""
         sampling = params.pop("sampling", None) or SamplingParams(**params)
         return self.start(messages_or_prompt, sampling)
+
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice ``index``'s own sampling: one choice, seeded ``seed + index`` when the request gave a seed."""
+    seed = None if params.seed is None else (params.seed + index) % SEED_MODULUS
+    return dataclasses.replace(params, n=1, seed=seed)

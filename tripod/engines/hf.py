@@ -7,6 +7,7 @@ A ``StoppingCriteria`` tied to the request's cancel event stops the model within
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -31,7 +32,7 @@ from tripod.engines.sampling import build_logits_processors
 from tripod.engines.text import IncrementalDetokenizer
 from tripod.engines.tiny import resolve_model_path
 from tripod.errors import ContextLengthExceeded, EngineFailure, InvalidRequest
-from tripod.protocol import SamplingParams
+from tripod.protocol import SamplingParams, ToolUse
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,29 @@ class HFGeneration(RawGeneration):
             self._thread.join(timeout=min(self.streamer.timeout, 2.0))
 
 
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates take them: a tool call's ``arguments`` as a mapping, where OpenAI sends JSON text
+    (transformers' convention; templates render it with ``tojson``). Arguments that are not a JSON object stay text."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            message = {**message, "tool_calls": [_template_call(call) for call in calls]}
+        out.append(message)
+    return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function") or {})
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except ValueError:
+        arguments = None
+    if isinstance(arguments, dict):
+        function["arguments"] = arguments
+    return {**call, "type": call.get("type", "function"), "function": function}
+
+
 class HFChatModel(ChatModel):
     """``AutoTokenizer`` + ``AutoModelForCausalLM``: GPU and bf16 when there is one, else CPU float32."""
 
@@ -255,8 +279,8 @@ class HFChatModel(ChatModel):
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
         )
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Apply the chat template to messages, or tokenize a raw prompt."""
+    def encode(self, prompt: Prompt, tools: ToolUse | None = None) -> list[int]:
+        """Apply the chat template to messages (with the tools offered), or tokenize a raw prompt."""
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             # An empty prompt still needs a first position: start from the end-of-text token, as OpenAI does.
@@ -267,8 +291,11 @@ class HFChatModel(ChatModel):
                 param="messages",
                 code="no_chat_template",
             )
+        extra = {"tools": [tool.as_template_tool() for tool in tools.tools]} if tools is not None else {}
         try:
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                template_messages(prompt), add_generation_prompt=True, tokenize=False, **extra
+            )
         except Exception as exc:  # noqa: BLE001 - templates raise anything (TemplateError, TypeError, ...)
             raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -277,7 +304,7 @@ class HFChatModel(ChatModel):
         self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None, max_tokens_cap: int | None = None
     ) -> tuple[list[int], int]:
         """Token ids of the prompt and the new-token budget, after every length check."""
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, params.tools)
         param = "prompt" if isinstance(prompt, str) else "messages"
         if max_prompt_tokens and len(ids) > max_prompt_tokens:
             raise InvalidRequest(
