@@ -304,6 +304,15 @@ class HFChatModel(ChatModel):
         self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None, max_tokens_cap: int | None = None
     ) -> tuple[list[int], int]:
         """Token ids of the prompt and the new-token budget, after every length check."""
+        vocabulary = self.model.get_output_embeddings().weight.shape[0]
+        unknown = [token for token, _ in params.logit_bias if token >= vocabulary]
+        if unknown:
+            raise InvalidRequest(
+                f"'logit_bias' names token {unknown[0]}, which is not a token id of '{self.model_name}' "
+                f"(its ids are 0 to {vocabulary - 1}).",
+                param="logit_bias",
+                code="invalid_value",
+            )
         ids = self.encode(prompt, params.tools)
         param = "prompt" if isinstance(prompt, str) else "messages"
         if max_prompt_tokens and len(ids) > max_prompt_tokens:
