@@ -23,7 +23,13 @@ _SAMPLING = {
     "top_k": {"type": "integer", "minimum": -1, "description": "Extension; 0 or -1 disables it."},
     "stop": _STOP,
     "seed": {"type": "integer", "nullable": True, "description": "Same seed, same output."},
-    "n": {"type": "integer", "enum": [1], "default": 1},
+    "n": {"type": "integer", "minimum": 1, "default": 1, "description": "Choices; at most TRIPOD_MAX_N (8)."},
+    "logit_bias": {
+        "type": "object",
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        "nullable": True,
+        "description": "Token id (as a string) -> bias added to its logit.",
+    },
     "presence_penalty": {**_NUMBER, "minimum": -2, "maximum": 2, "default": 0},
     "frequency_penalty": {**_NUMBER, "minimum": -2, "maximum": 2, "default": 0},
     "ignore_eos": {"type": "boolean", "default": False, "description": "Extension: always generate max_tokens."},
@@ -58,6 +64,21 @@ MESSAGE = {
         "tool_call_id": {"type": "string", "description": "Required for role tool."},
     },
 }
+_FUNCTION = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "description": {"type": "string"},
+        "parameters": {"type": "object", "description": "A JSON Schema of the arguments."},
+        "strict": {"type": "boolean"},
+    },
+}
+TOOL = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {"type": {"type": "string", "enum": ["function"]}, "function": _FUNCTION},
+}
 CHAT_REQUEST = {
     "type": "object",
     "required": ["messages"],
@@ -65,6 +86,45 @@ CHAT_REQUEST = {
         "messages": {"type": "array", "items": MESSAGE, "minItems": 1},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
         **_SAMPLING,
+        "logprobs": {"type": "boolean", "default": False},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True},
+        "tools": {"type": "array", "items": TOOL, "maxItems": 128},
+        "tool_choice": {
+            "oneOf": [
+                {"type": "string", "enum": ["none", "auto", "required"]},
+                {
+                    "type": "object",
+                    "required": ["type", "function"],
+                    "properties": {
+                        "type": {"type": "string", "enum": ["function"]},
+                        "function": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}},
+                        },
+                    },
+                },
+            ],
+            "description": "required and a named function are enforced by grammar.",
+        },
+        "parallel_tool_calls": {"type": "boolean", "default": True},
+        "response_format": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {
+                "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+                "json_schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "schema": {"type": "object"},
+                        "strict": {"type": "boolean"},
+                    },
+                },
+            },
+            "description": "json_object and json_schema replies are enforced by grammar-constrained decoding.",
+        },
     },
 }
 COMPLETION_REQUEST = {
@@ -74,6 +134,7 @@ COMPLETION_REQUEST = {
         "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 1}]},
         **_SAMPLING,
         "max_tokens": {"type": "integer", "minimum": 1, "default": 16},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True},
     },
 }
 USAGE = {
@@ -84,7 +145,7 @@ USAGE = {
         "total_tokens": {"type": "integer"},
     },
 }
-_FINISH = {"type": "string", "enum": ["stop", "length"], "nullable": True}
+_FINISH = {"type": "string", "enum": ["stop", "length", "tool_calls"], "nullable": True}
 _COMMON = {"id": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"}}
 CHAT_COMPLETION = {
     "type": "object",
@@ -99,8 +160,13 @@ CHAT_COMPLETION = {
                     "index": {"type": "integer"},
                     "message": {
                         "type": "object",
-                        "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+                        "properties": {
+                            "role": {"type": "string"},
+                            "content": {"type": "string", "nullable": True},
+                            "tool_calls": {"type": "array", "items": {"type": "object"}},
+                        },
                     },
+                    "logprobs": {"type": "object", "nullable": True},
                     "finish_reason": _FINISH,
                 },
             },
