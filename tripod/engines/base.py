@@ -445,6 +445,7 @@ class ChatModel:
     ) -> Reply:
         """Start every choice of a request (``params.n``), each with its tool-call parser; see ``engines/reply.py``."""
         from tripod.engines.reply import Reply
+        from tripod.engines.tool_calls import ToolCallParser
 
         limits = {"max_prompt_tokens": max_prompt_tokens, "max_tokens_cap": max_tokens_cap}
         if self.emits_choices:
@@ -464,7 +465,8 @@ class ChatModel:
             for stream in streams:
                 stream.close()
             raise
-        parsers = [self.tool_format.parser(params.tools) if params.tools is not None else None for _ in streams]
+        tools = params.tools
+        parsers = [None if tools is None else ToolCallParser(self.tool_format, tools) for _ in streams]
         return Reply(streams, parsers)
 
     def generate(self, messages_or_prompt: Prompt, **params: Any) -> dict[str, Any]:
