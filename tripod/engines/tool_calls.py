@@ -117,6 +117,8 @@ class ToolCallFormat:
     grammar_call_close: ClassVar[str] = ""
     grammar_separator: ClassVar[str]
     grammar_close: ClassVar[str] = ""
+    # The markup's marker texts, which a model's vocabulary may hold as single added tokens.
+    markers: ClassVar[tuple[str, ...]] = ()
 
     def call_text(self, name: str, arguments: str) -> str:
         """One call as the grammar writes it, compact: for tests and for prompts that show the model a call."""
@@ -124,30 +126,47 @@ class ToolCallFormat:
             self.grammar_call_close
         )
 
-    def call_grammar(self, tool_use: ToolUse) -> str:
+    def call_grammar(self, tool_use: ToolUse, tokenizer=None) -> str:
         """A llguidance Lark grammar whose language is exactly the call block(s) ``tool_use`` forces.
 
         "function": one call of that function; "required": one call of any offered tool, or one or more when
         ``tool_use.parallel``. The JSON is compact (no free whitespace), so a forced reply always closes.
+        Pass the model's ``tokenizer``: llguidance takes every added token for a special one, never for its text,
+        so a marker that is an added token (Qwen's ``<tool_call>``) must be named as that token, or the model
+        could only spell it out piece by piece.
         """
         tools = [t for t in tool_use.tools if tool_use.choice != "function" or t.name == tool_use.function]
         if not tools:
             raise ValueError(f"tool_choice names {tool_use.function!r}, which is not among the tools offered.")
+        added = tokenizer.get_added_vocab() if tokenizer is not None else {}
+        tokens = {marker: added[marker] for marker in self.markers if marker in added}
+
+        def lark(text: str) -> str:
+            return _lark(text, tokens)
+
         several = tool_use.choice == "required" and tool_use.parallel
-        calls = f"call ({_lark(self.grammar_separator)} call)*" if several else "call"
-        start = " ".join(part for part in (_lark(self.grammar_open), calls, _lark(self.grammar_close)) if part)
+        calls = f"call ({lark(self.grammar_separator)} call)*" if several else "call"
+        start = " ".join(part for part in (lark(self.grammar_open), calls, lark(self.grammar_close)) if part)
         lines = [f"start: {start}", "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
         for i, tool in enumerate(tools):
             head = f'{self.grammar_call_open}{{"name":{json.dumps(tool.name)},"{self.arguments_key}":'
             tail = "}" + self.grammar_call_close
-            lines.append(f"call_{i}: {_lark(head)} args_{i} {_lark(tail)}")
+            lines.append(f"call_{i}: {lark(head)} args_{i} {lark(tail)}")
             lines.append(f"args_{i}: %json {_compact_schema(tool.parameters)}")
         return "\n".join(lines) + "\n"
 
 
-def _lark(text: str) -> str:
-    """``text`` as a Lark string literal ("" for none)."""
-    return json.dumps(text) if text else ""
+def _lark(text: str, tokens: dict[str, int]) -> str:
+    """``text`` as Lark: string literals, and ``<[id]>`` for each marker in ``tokens`` ("" for no text)."""
+    parts, rest = [], text
+    while rest:
+        at, marker = min(((rest.find(m), m) for m in tokens if m in rest), default=(len(rest), ""))
+        if at:
+            parts.append(json.dumps(rest[:at]))
+        if marker:
+            parts.append(f"<[{tokens[marker]}]>")
+        rest = rest[at + len(marker) :]
+    return " ".join(parts)
 
 
 def _compact_schema(parameters: str) -> str:
@@ -176,6 +195,7 @@ class HermesFormat(ToolCallFormat):
     grammar_call_open = "<tool_call>\n"
     grammar_call_close = "\n</tool_call>"
     grammar_separator = "\n"
+    markers = ("<tool_call>", "</tool_call>")
 
 
 class Llama3Format(ToolCallFormat):
@@ -205,6 +225,7 @@ class MistralFormat(ToolCallFormat):
     grammar_open = "[TOOL_CALLS]["
     grammar_separator = ","
     grammar_close = "]"
+    markers = ("[TOOL_CALLS]",)
 
 
 HERMES = HermesFormat()
