@@ -122,9 +122,13 @@ class ToolCallFormat:
 
     def call_text(self, name: str, arguments: str) -> str:
         """One call as the grammar writes it, compact: for tests and for prompts that show the model a call."""
-        return f'{self.grammar_call_open}{{"name":{json.dumps(name)},"{self.arguments_key}":{arguments}}}' + (
-            self.grammar_call_close
-        )
+        return self._head(name) + arguments + self._tail()
+
+    def _head(self, name: str) -> str:
+        return f'{self.grammar_call_open}{{"name":{json.dumps(name)},"{self.arguments_key}":'
+
+    def _tail(self) -> str:
+        return "}" + self.grammar_call_close
 
     def call_grammar(self, tool_use: ToolUse, tokenizer=None) -> str:
         """A llguidance Lark grammar whose language is exactly the call block(s) ``tool_use`` forces.
@@ -149,9 +153,7 @@ class ToolCallFormat:
         start = " ".join(part for part in (lark(self.grammar_open), calls, lark(self.grammar_close)) if part)
         lines = [f"start: {start}", "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
         for i, tool in enumerate(tools):
-            head = f'{self.grammar_call_open}{{"name":{json.dumps(tool.name)},"{self.arguments_key}":'
-            tail = "}" + self.grammar_call_close
-            lines.append(f"call_{i}: {lark(head)} args_{i} {lark(tail)}")
+            lines.append(f"call_{i}: {lark(self._head(tool.name))} args_{i} {lark(self._tail())}")
             lines.append(f"args_{i}: %json {_compact_schema(tool.parameters)}")
         return "\n".join(lines) + "\n"
 
@@ -280,8 +282,9 @@ class ToolCallParser:
 
     A call counts from the moment its head (``{"name": "f", "arguments": {``) is read and names an offered tool;
     until then a block that turns out not to be a call, malformed or cut short at ``flush``, goes out as content.
-    A call cut short inside its arguments keeps what it has (the reply ran out, as with max_tokens). Whitespace
-    around calls is markup and dropped; a call's unfinished closing markup at ``flush`` is dropped.
+    A call cut short inside its arguments keeps what it has (the reply ran out, as with max_tokens); its
+    unfinished closing markup at ``flush`` is dropped. Whitespace just before a call, or after the last one when
+    nothing follows, is markup and dropped too.
     """
 
     def __init__(self, fmt: ToolCallFormat, tool_use: ToolUse) -> None:
