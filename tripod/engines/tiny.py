@@ -1,7 +1,8 @@
 """The built-in ``tiny`` model: a real Hugging Face model directory built locally, no hub needed.
 
 A Llama-shaped model with random weights from a fixed seed and a byte-level BPE tokenizer trained on a
-shipped text, with a ChatML chat template. It loads through ``from_pretrained`` like any hub model.
+shipped text, with a ChatML chat template that takes tools the way Qwen 2.5's does (so its replies parse with the
+``hermes`` tool-call format). It loads through ``from_pretrained`` like any hub model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 TINY_NAME = "tiny"
 # Bump when the recipe changes, so that cached copies are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 SEED = 1234
 VOCAB_SIZE = 2048
 CONTEXT_LENGTH = 2048
@@ -25,13 +26,48 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 
-# ChatML. The {% generation %} markers let training mask everything but the assistant's tokens.
+TOOL_CALL_TOKENS = ["<tool_call>", "</tool_call>"]  # added, not special: decoding keeps them for the parser
+
+# ChatML, with tools in the Qwen 2.5 style: the tools' JSON in the system prompt, calls in <tool_call> blocks, tool
+# results in <tool_response> blocks inside a user turn. Without tools it renders as plain ChatML. Arguments arrive
+# as OpenAI sends them, a JSON string, and are written as they are. The {% generation %} markers let training mask
+# everything but the assistant's tokens.
+TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOL_CALL_PROMPT = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call><|im_end|>\n"
+)
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
+    "{{ " + repr(TOOLS_PROMPT) + " }}"
+    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ " + repr(TOOL_CALL_PROMPT) + " }}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
+    "{%- if tools and loop.first and message['role'] == 'system' -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
     "{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% generation %}{{ message['content'] or '' }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set call = call['function'] if call['function'] is defined else call -%}"
+    "{%- if message['content'] or not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{%- if call['arguments'] is string -%}{{ call['arguments'] }}{%- else -%}{{ call['arguments'] | tojson }}"
+    "{%- endif -%}"
+    "{{ '}\\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>' }}{% endgeneration %}"
     "{{ '\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
     "{%- else -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif -%}"
@@ -43,7 +79,7 @@ CHAT_TEMPLATE = (
 def build_tiny_model(out: Path) -> Path:
     """Write the tiny model directory to ``out`` (which must not exist yet) and return it."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
@@ -61,6 +97,7 @@ def build_tiny_model(out: Path) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=CONTEXT_LENGTH
     )
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in TOOL_CALL_TOKENS])
     tokenizer.chat_template = CHAT_TEMPLATE
 
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
