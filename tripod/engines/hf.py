@@ -31,6 +31,7 @@ from tripod.engines.random_weights import is_random, load_random_model
 from tripod.engines.sampling import build_logits_processors
 from tripod.engines.text import IncrementalDetokenizer
 from tripod.engines.tiny import resolve_model_path
+from tripod.engines.tool_calls import tool_call_format
 from tripod.errors import ContextLengthExceeded, EngineFailure, InvalidRequest
 from tripod.protocol import SamplingParams, ToolUse
 
@@ -278,6 +279,7 @@ class HFChatModel(ChatModel):
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
         )
+        self.tool_format = tool_call_format(self.tokenizer, self.options.get("tool_parser") or None)
 
     def encode(self, prompt: Prompt, tools: ToolUse | None = None) -> list[int]:
         """Apply the chat template to messages (with the tools offered), or tokenize a raw prompt."""
