@@ -26,9 +26,11 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from tripod.engines.base import ChatModel, Delta, Prompt, RawGeneration
+from tripod.engines.base import ChatModel, Delta, Prompt, RawGeneration, TokenLogprob
+from tripod.engines.grammar import GrammarMatcher, ModelGrammars, request_grammar
+from tripod.engines.logprobs import Pick, TokenTexts
 from tripod.engines.random_weights import is_random, load_random_model
-from tripod.engines.sampling import build_logits_processors
+from tripod.engines.sampling import LogprobRecorder, build_logits_processors
 from tripod.engines.text import IncrementalDetokenizer
 from tripod.engines.tiny import resolve_model_path
 from tripod.engines.tool_calls import tool_call_format
@@ -67,17 +69,20 @@ class TokenStreamer(BaseStreamer):
     out at once; a character split over byte tokens waits for its last byte. transformers' ``TextIteratorStreamer``
     held text with punctuation or symbols back until the next space, which could keep a stream silent for many
     tokens, and decoded everything since the last line on every token. This one also counts tokens, sees EOS and
-    carries generate's errors. The reader waits at most ``timeout`` for each piece.
+    carries generate's errors. The reader waits at most ``timeout`` for each piece. With a ``LogprobRecorder``, each
+    piece also carries its tokens' logprob picks, one per token.
     """
 
-    def __init__(self, tokenizer, eos_ids: set[int], timeout: float) -> None:
+    def __init__(self, tokenizer, eos_ids: set[int], timeout: float, logprobs: LogprobRecorder | None = None) -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.eos_ids = eos_ids
         self.timeout = timeout
+        self.logprobs = logprobs
         self.generated = 0
         self.saw_eos = False
         self._prompt_seen = False
         self._pending = 0  # tokens whose text is still held back (an incomplete character)
+        self._picks: list[Pick] = []  # their logprob picks
         self._queue: queue.Queue = queue.Queue()
 
     def put(self, value: torch.Tensor) -> None:
@@ -87,24 +92,28 @@ class TokenStreamer(BaseStreamer):
         tokens = value.reshape(-1).tolist()
         self.generated += len(tokens)
         self._pending += len(tokens)
+        if self.logprobs is not None:
+            self._picks.extend(self.logprobs.take(token) for token in tokens)
         if tokens and tokens[-1] in self.eos_ids:
             self.saw_eos = True
         text = self.detokenizer.add(tokens)
         if text:
-            self._queue.put((text, self._pending))
-            self._pending = 0
+            self._send(text)
+
+    def _send(self, text: str) -> None:
+        self._queue.put((text, self._pending, self._picks))
+        self._pending, self._picks = 0, []
 
     def end(self) -> None:
         text = self.detokenizer.flush()
         if text or self._pending:
-            self._queue.put((text, self._pending))
-            self._pending = 0
+            self._send(text)
         self._queue.put(_END)
 
     def fail(self, exc: BaseException) -> None:
         self._queue.put(_Failure(exc))
 
-    def __iter__(self) -> Iterator[tuple[str, int]]:
+    def __iter__(self) -> Iterator[tuple[str, int, list[Pick]]]:
         while True:
             try:
                 value = self._queue.get(timeout=self.timeout)
@@ -138,7 +147,9 @@ class HFGeneration(RawGeneration):
     def __init__(self, model: HFChatModel, input_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
         super().__init__()
         self.prompt_tokens = len(input_ids)
-        self.streamer = TokenStreamer(model.tokenizer, model.eos_ids, model.step_timeout)
+        self.texts = model.token_texts if params.logprobs else None
+        recorder = LogprobRecorder(params.top_logprobs) if params.logprobs else None
+        self.streamer = TokenStreamer(model.tokenizer, model.eos_ids, model.step_timeout, recorder)
         device = model.device
         ids = torch.tensor([input_ids], dtype=torch.long, device=device)
         generation_config = GenerationConfig(
@@ -160,7 +171,9 @@ class HFGeneration(RawGeneration):
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             generation_config=generation_config,
-            logits_processor=build_logits_processors(params, len(input_ids), device),
+            logits_processor=build_logits_processors(
+                params, len(input_ids), device, grammar=model.grammar_matcher(params, max_new_tokens), logprobs=recorder
+            ),
             stopping_criteria=StoppingCriteriaList([CancelCriteria(self)]),
             streamer=self.streamer,
         )
@@ -187,8 +200,11 @@ class HFGeneration(RawGeneration):
         return self.streamer.saw_eos
 
     def __iter__(self) -> Iterator[Delta]:
-        for text, tokens in self.streamer:
-            yield Delta(text, tokens)
+        for text, tokens, picks in self.streamer:
+            yield Delta(text, tokens, self._logprobs(picks))
+
+    def _logprobs(self, picks: list[Pick]) -> tuple[TokenLogprob, ...]:
+        return () if self.texts is None else tuple(self.texts.token_logprob(pick) for pick in picks)
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -236,6 +252,9 @@ class HFChatModel(ChatModel):
         self.step_timeout = float(options.get("step_timeout", 60.0))
         self.cache_dir = Path(options.get("cache_dir") or Path.home() / ".cache" / "tripod")
         self.adapter = options.get("adapter") or ""
+        self._grammars: ModelGrammars | None = None
+        self._token_texts: TokenTexts | None = None
+        self._lazy_lock = threading.Lock()
 
     @property
     def can_generate(self) -> bool:
@@ -281,6 +300,31 @@ class HFChatModel(ChatModel):
         )
         self.tool_format = tool_call_format(self.tokenizer, self.options.get("tool_parser") or None)
 
+    @property
+    def grammars(self) -> ModelGrammars:
+        """llguidance's view of the tokenizer and the compiled grammars, made on the first constrained request."""
+        if self._grammars is None:
+            with self._lazy_lock:
+                if self._grammars is None:
+                    vocab_size = int(self.model.config.get_text_config().vocab_size)
+                    self._grammars = ModelGrammars(self.tokenizer, vocab_size, self.eos_ids)
+        return self._grammars
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        """Each token's text and bytes for logprobs, made on the first request that asks for them."""
+        if self._token_texts is None:
+            lltokenizer = self.grammars.tokenizer
+            with self._lazy_lock:
+                if self._token_texts is None:
+                    self._token_texts = TokenTexts(self.tokenizer, lltokenizer)
+        return self._token_texts
+
+    def grammar_matcher(self, params: SamplingParams, max_new_tokens: int) -> GrammarMatcher | None:
+        """The request's grammar matcher, or None when its reply is free."""
+        grammar = request_grammar(params, self.tool_format, self.tokenizer)
+        return None if grammar is None else self.grammars.matcher(grammar, max_new_tokens)
+
     def encode(self, prompt: Prompt, tools: ToolUse | None = None) -> list[int]:
         """Apply the chat template to messages (with the tools offered), or tokenize a raw prompt."""
         if isinstance(prompt, str):
@@ -306,12 +350,11 @@ class HFChatModel(ChatModel):
         self, prompt: Prompt, params: SamplingParams, max_prompt_tokens: int | None, max_tokens_cap: int | None = None
     ) -> tuple[list[int], int]:
         """Token ids of the prompt and the new-token budget, after every length check."""
-        vocabulary = self.model.get_output_embeddings().weight.shape[0]
-        unknown = [token for token, _ in params.logit_bias if token >= vocabulary]
-        if unknown:
+        vocab_size = self.model.config.get_text_config().vocab_size
+        outside = [token for token, _ in params.logit_bias if not 0 <= token < vocab_size]
+        if outside:
             raise InvalidRequest(
-                f"'logit_bias' names token {unknown[0]}, which is not a token id of '{self.model_name}' "
-                f"(its ids are 0 to {vocabulary - 1}).",
+                f"'logit_bias' names token {outside[0]}; this model's tokens are 0 to {vocab_size - 1}.",
                 param="logit_bias",
                 code="invalid_value",
             )

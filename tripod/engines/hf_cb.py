@@ -24,11 +24,12 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from tripod.engines.base import END, Delta, Prompt, PushItem, RawGeneration
 from tripod.engines.cpu_threads import governed_threads, leave_a_core_for_the_server
 from tripod.engines.hf import HFChatModel
+from tripod.engines.hf_cb_adjustments import RequestAdjustments
 from tripod.engines.hf_cb_attention import KV_PADDING, set_up_attention
 from tripod.engines.hf_cb_internals import check_manager, check_transformers
-from tripod.engines.hf_cb_sampling import RequestSampling, key_graphs_by_sampling
+from tripod.engines.hf_cb_sampling import RequestSampling, key_graphs_by_sampling, run_adjusted_batches_eagerly
 from tripod.engines.text import IncrementalDetokenizer
-from tripod.errors import EngineFailure, InvalidRequest
+from tripod.errors import EngineFailure
 from tripod.protocol import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,11 @@ class CBGeneration(RawGeneration):
         self._sink: Callable[[PushItem], None] | None = None
         self._ended = False
         manager = model.manager
+        self.adjustments = RequestAdjustments.of(params, model.grammar_matcher(params, max_new), model.device)
+        self.texts = model.token_texts if params.logprobs else None
+        self._sampling = manager.logit_processor
+        if self.adjustments is not None:
+            self._sampling.adjustments[self.request_id] = self.adjustments
         with manager.output_router._lock:
             manager.output_router.result_handlers[self.request_id] = (self._route, model.dispatch)
         kwargs: dict[str, Any] = {}
@@ -140,7 +146,10 @@ class CBGeneration(RawGeneration):
         if done:
             text += self.detokenizer.flush()
             self.finished = True
-        return Delta(text, len(new)) if text or new else None
+        logprobs = ()
+        if self.texts is not None and new:
+            logprobs = tuple(self.texts.token_logprob(pick) for pick in self.adjustments.take_picks(new))
+        return Delta(text, len(new), logprobs) if text or new else None
 
     def __iter__(self) -> Iterator[Delta]:
         try:
@@ -206,6 +215,7 @@ class CBGeneration(RawGeneration):
                 pass  # the reader's loop is closed
 
     def _forget(self) -> None:
+        self._sampling.adjustments.pop(self.request_id, None)
         router = self.model.manager.output_router
         with router._lock:
             router.result_handlers.pop(self.request_id, None)
@@ -301,6 +311,7 @@ class HFContinuousBatchingModel(HFChatModel):
         manager.logit_processor = RequestSampling(self.vocab_size, captured=captured)
         if captured:
             key_graphs_by_sampling(manager, manager.logit_processor)
+            run_adjusted_batches_eagerly(manager, manager.logit_processor)
         # The manager's loop thread inherits "daemon" from the thread that starts it: start it from a daemon
         # thread, so that a server (or a bench) can exit without stopping the manager first.
         starter = threading.Thread(target=manager.start, name="tripod-cb-start", daemon=True)
@@ -329,13 +340,5 @@ class HFContinuousBatchingModel(HFChatModel):
         max_prompt_tokens: int | None = None,
         max_tokens_cap: int | None = None,
     ) -> tuple[RawGeneration, int]:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(params, name):
-                raise InvalidRequest(
-                    f"'{name}' is not supported by the hf-cb engine (its batch has no per-request history);"
-                    " use TRIPOD_ENGINE=hf for penalties.",
-                    param=name,
-                    code="unsupported_parameter",
-                )
         ids, max_new = self.prepare(prompt, params, max_prompt_tokens, max_tokens_cap)
         return CBGeneration.start(self, ids, params, max_new), max_new

@@ -48,6 +48,8 @@ REQUIRED: tuple[tuple[str, str], ...] = (
     (f"{_CB}.continuous_api", "ContinuousBatchingManager.is_running"),
     (f"{_CB}.continuous_api", "ContinuousBatchingManager.start"),
     (f"{_CB}.continuous_api", "ContinuousBatchingManager.stop"),
+    (f"{_CB}.model_runner", "ModelRunner._get_forward_fn"),
+    (f"{_CB}.model_runner", "ModelRunner._forward_process_and_sample"),
     (f"{_CB}.requests", "RequestState.initial_tokens"),
     (f"{_CB}.requests", "RequestState.position_offset"),
     (f"{_CB}.requests", "RequestState.logit_processor_kwargs"),

@@ -22,6 +22,8 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from transformers.generation.continuous_batching.utils import CudaGraphBuffer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from tripod.engines.hf_cb_adjustments import BatchAdjustments, RequestAdjustments
+
 logger = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
@@ -91,6 +93,10 @@ class RequestSampling(ContinuousBatchingLogitsProcessorList):
     only the rows that sample. A captured CUDA graph cannot branch and runs on every row of the padded batch: there each
     row gets its request's arguments (neutral ones for greedy rows: zero key, no noise), and which processors the graph
     runs is part of its key (``SamplingKeyedGraphs``), so a batch replays a graph captured for its own chain.
+
+    Requests registered in ``adjustments`` (penalties, logit_bias, a grammar, logprobs: ``hf_cb_adjustments``) have
+    their rows adjusted first. That needs the host each step (a grammar's mask), which a captured graph cannot do: a
+    batch holding such a request runs uncaptured (``run_adjusted_batches_eagerly``), row by row as without a graph.
     """
 
     def __init__(self, vocab_size: int, captured: bool = False) -> None:
@@ -112,6 +118,14 @@ class RequestSampling(ContinuousBatchingLogitsProcessorList):
         # Without a graph: the rows that sample and each chained processor's arguments for them.
         self._rows = torch.empty(0, dtype=torch.int64)
         self._args: list[torch.Tensor] = []
+        # Request id -> its adjustments, registered by the engine while the request runs; and this step's adjusted rows.
+        self.adjustments: dict[str, RequestAdjustments] = {}
+        self.adjusted: BatchAdjustments | None = None
+
+    @property
+    def eager(self) -> bool:
+        """Whether the step being prepared must run uncaptured: it adjusts some request's row."""
+        return self.adjusted is not None
 
     def needed(self, kwargs: list[dict]) -> tuple[int, ...]:
         """The processors that these sampling requests' arguments make a difference for."""
@@ -130,7 +144,8 @@ class RequestSampling(ContinuousBatchingLogitsProcessorList):
         rows = [i for i, request in enumerate(with_new_token) if request.state.logit_processor_kwargs]
         sampling = [with_new_token[i] for i in rows]
         chain = self.needed([request.state.logit_processor_kwargs for request in sampling])
-        if self.captured:
+        self.adjusted = self._adjusted(with_new_token) if self.adjustments else None
+        if self.captured and self.adjusted is None:
             super().prepare_tensor_args(requests_in_batch, arg_storage)  # every row's arguments, in static storage
             self.chain = chain if self.keyed_graphs else tuple(range(len(self.processors)))
             return arg_storage
@@ -141,14 +156,31 @@ class RequestSampling(ContinuousBatchingLogitsProcessorList):
             self._rows = torch.tensor(rows, dtype=torch.int64, device=device)
         return arg_storage
 
+    def _adjusted(self, with_new_token) -> BatchAdjustments | None:
+        rows, requests = [], []
+        for row, request in enumerate(with_new_token):
+            adjustments = self.adjustments.get(request.state.request_id)
+            if adjustments is not None:
+                rows.append(row)
+                requests.append(adjustments)
+        return BatchAdjustments(rows, requests) if rows else None
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor):
-        if self.captured:
+        if self.captured and self.adjusted is None:
             for i in self.chain:
                 scores = self.processors[i](scores, logits_processor_args[i])
             return scores
         chain, self.chain = self.chain, ()
-        if not chain:
-            return scores
+        adjusted, self.adjusted = self.adjusted, None
+        if adjusted is not None:
+            scores = adjusted.apply(scores)
+        if chain:
+            scores = self._sample_rows(chain, scores)
+        if adjusted is not None:
+            adjusted.observe(scores)
+        return scores
+
+    def _sample_rows(self, chain: tuple[int, ...], scores: torch.Tensor) -> torch.Tensor:
         # The scores have a row per request in the batch, the first ones those with a new token, in order; a request
         # still prefilling its prompt in chunks has a row that is never read. So all rows sample only if their counts
         # match.
@@ -195,3 +227,27 @@ def key_graphs_by_sampling(manager: Any, sampling: RequestSampling) -> None:
         return processor
 
     manager._create_batch_processor = make_keyed
+
+
+def run_adjusted_batches_eagerly(manager: Any, sampling: RequestSampling) -> None:
+    """Have the manager run a step uncaptured (no CUDA graph, no compiled forward) when it adjusts a request's row.
+
+    The adjustments compute a grammar's mask on the host between the forward and the sampling, which a replayed graph
+    would skip. The model runner is made with the batch processor on the loop thread: wrap its choice of forward.
+    """
+    make = manager._create_batch_processor
+
+    def make_eager():
+        processor = make()
+        runner = processor.model_runner
+        if not getattr(runner, "tripod_eager_when_adjusted", False):
+            choose = runner._get_forward_fn
+
+            def forward_fn(use_block_table: bool):
+                return (runner._forward_process_and_sample, False) if sampling.eager else choose(use_block_table)
+
+            runner._get_forward_fn = forward_fn
+            runner.tripod_eager_when_adjusted = True
+        return processor
+
+    manager._create_batch_processor = make_eager

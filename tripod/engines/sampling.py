@@ -3,6 +3,8 @@
 Sampling is Gumbel-max: adding Gumbel noise from the request's own seeded generator to the
 log-probabilities and taking the argmax draws from exactly the softmax distribution. The same seed
 gives the same tokens whatever else runs at the same time, on any engine that can take a processor.
+Before it, in this order: the raw logprobs are kept, penalties and logit_bias adjust the logits, and a grammar masks
+them (``build_logits_processors``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,52 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from tripod.engines.grammar import GrammarMatcher, apply_bitmask
+from tripod.engines.logprobs import Pick, pick_logprobs
 from tripod.protocol import SamplingParams
+
+
+class LogprobRecorder(LogitsProcessor):
+    """First in the chain: keeps this step's raw log-softmax until the streamer learns which token was chosen."""
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self._logprobs: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._logprobs = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def take(self, token: int) -> Pick:
+        """The pick for ``token``, chosen from the last step's scores."""
+        chosen = torch.tensor([token], device=self._logprobs.device)
+        return pick_logprobs(self._logprobs, chosen, [self.top])[0]
+
+
+class LogitBiasProcessor(LogitsProcessor):
+    """OpenAI's logit_bias: a value from -100 to 100 added to each listed token's logit."""
+
+    def __init__(self, bias: tuple[tuple[int, float], ...], device: torch.device | str) -> None:
+        self.ids = torch.tensor([token for token, _ in bias], dtype=torch.long, device=device)
+        self.values = torch.tensor([value for _, value in bias], dtype=torch.float32, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores.index_add(-1, self.ids, self.values.expand(scores.size(0), -1).to(scores.dtype))
+
+
+class GrammarProcessor(LogitsProcessor):
+    """Masks every token the request's grammar does not allow next; the last chosen token advances it first."""
+
+    def __init__(self, matcher: GrammarMatcher, prompt_length: int) -> None:
+        self.matcher = matcher
+        self.prompt_length = prompt_length
+        self.bitmask = matcher.grammars.bitmask(1)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] - self.prompt_length > self.matcher.generated:
+            self.matcher.consume(int(input_ids[0, -1]))
+        self.matcher.mask(self.bitmask, 0)
+        return apply_bitmask(scores, self.bitmask)
 
 
 class OpenAIPenaltyProcessor(LogitsProcessor):
@@ -52,12 +99,23 @@ class GumbelSampler(LogitsProcessor):
 
 
 def build_logits_processors(
-    params: SamplingParams, prompt_length: int, device: torch.device | str
+    params: SamplingParams,
+    prompt_length: int,
+    device: torch.device | str,
+    *,
+    grammar: GrammarMatcher | None = None,
+    logprobs: LogprobRecorder | None = None,
 ) -> LogitsProcessorList:
     """The processors that make greedy ``generate`` follow ``params``; empty means plain greedy."""
     processors = LogitsProcessorList()
+    if logprobs is not None:
+        processors.append(logprobs)
     if params.presence_penalty or params.frequency_penalty:
         processors.append(OpenAIPenaltyProcessor(prompt_length, params.presence_penalty, params.frequency_penalty))
+    if params.logit_bias:
+        processors.append(LogitBiasProcessor(params.logit_bias, device))
+    if grammar is not None:
+        processors.append(GrammarProcessor(grammar, prompt_length))
     if params.greedy:
         return processors
     if params.temperature != 1.0:
