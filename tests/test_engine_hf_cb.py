@@ -19,7 +19,7 @@ from tripod.engines.hf_cb_sampling import (
     noise_key,
     uniform_noise,
 )
-from tripod.errors import EngineFailure, InvalidRequest
+from tripod.errors import EngineFailure
 
 MESSAGES = [{"role": "user", "content": "Tell me about rivers."}]
 
@@ -223,11 +223,13 @@ def test_cancel_removes_the_request_from_the_batch(cb_model):
     assert stream.completion_tokens < 1800
 
 
-def test_penalties_are_refused_by_name(cb_model):
+def test_penalties_act_inside_the_batch_as_they_do_on_hf(cb_model, chat_model):
+    """hf-cb refused penalties before; greedy, both engines now give the same penalised reply."""
     for name in ("presence_penalty", "frequency_penalty"):
-        with pytest.raises(InvalidRequest) as info:
-            cb_model.stream(MESSAGES, max_tokens=4, **{name: 1.0})
-        assert info.value.param == name
+        params = {"max_tokens": 24, "temperature": 0, "ignore_eos": True, name: 2.0}
+        penalised = "".join(d.text for d in cb_model.stream(MESSAGES, **params))
+        assert penalised == "".join(d.text for d in chat_model.stream(MESSAGES, **params))
+        assert penalised != "".join(d.text for d in cb_model.stream(MESSAGES, **{**params, name: 0.0}))
 
 
 def test_an_engine_failure_ends_the_stream_with_an_error(cb_model):

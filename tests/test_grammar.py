@@ -42,7 +42,7 @@ class TaggedCalls:
     """A stand-in for a model family's tool-call format (tripod/engines/tool_calls.py, another module's work):
     ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, its JSON compact as the response_format grammar's."""
 
-    def call_grammar(self, tools: ToolUse) -> str:
+    def call_grammar(self, tools: ToolUse, tokenizer=None) -> str:
         tool = tools.tools[0]
         schema = {
             "type": "object",
@@ -104,13 +104,14 @@ def test_the_request_grammar_is_its_format_else_a_forced_call():
 def test_the_json_grammar_allows_no_whitespace_between_tokens(chat_model):
     """vLLM's xgrammar let a reply run on in whitespace (``{\\r  "colour":\\r\\r ...``) until max_tokens: here no
     token that starts with whitespace is allowed anywhere outside a string."""
-    grammars = ModelGrammars(chat_model.tokenizer, 2048, chat_model.eos_ids)
+    vocab_size = chat_model.model.config.vocab_size
+    grammars = ModelGrammars(chat_model.tokenizer, vocab_size, chat_model.eos_ids)
     matcher = grammars.matcher(response_format_grammar(SCHEMA_FORMAT), max_tokens=1000)
     starts_blank = [bool(piece) and piece[:1].isspace() for piece in grammars.pieces]
     bitmask = grammars.bitmask(1)
     for token in chat_model.tokenizer.encode('{"colour":"deep blue","depth":12}', add_special_tokens=False):
         matcher.mask(bitmask, 0)
-        allowed = unpack_bits(bitmask, 2048)[0].tolist()
+        allowed = unpack_bits(bitmask, vocab_size)[0].tolist()
         if not matcher.in_string:
             assert not any(a and blank for a, blank in zip(allowed, starts_blank, strict=True))
         assert allowed[token]
@@ -155,13 +156,13 @@ def test_a_complete_grammar_ends_the_reply_with_stop(model):
     assert finish_reason == "stop" and tokens < 20
 
 
-def test_a_forced_tool_call_follows_the_tool_format(model, monkeypatch):
-    monkeypatch.setattr(model, "tool_format", TaggedCalls())
+def test_a_forced_tool_call_follows_the_tool_format(model):
+    """The tiny model's own format (Hermes): its markers are added tokens, which the grammar names by id."""
     forced = ToolUse((TOOL,), choice="required")
     params = [SamplingParams(max_tokens=48, temperature=1.0, seed=seed, tools=forced) for seed in range(3)]
     for text, finish_reason, _ in replies(model, params):
         assert text.startswith("<tool_call>") and text.endswith("</tool_call>"), text
-        call = json.loads(text[len("<tool_call>") : -len("</tool_call>")])
+        call = json.loads(text[len("<tool_call>") : -len("</tool_call>")].strip())
         assert call["name"] == "get_weather" and isinstance(call["arguments"]["city"], str)
         assert finish_reason == "stop"
 
