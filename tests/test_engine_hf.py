@@ -64,7 +64,7 @@ def stream_tokens(tokenizer, ids: list[int]) -> list[tuple[str, int]]:
     for token in ids:
         streamer.put(torch.tensor([token]))
     streamer.end()
-    pieces = [(text, tokens) for text, tokens, _ in streamer]
+    pieces = [(text, tokens) for text, tokens, _ in streamer]  # no recorder: no logprob picks
     assert sum(tokens for _, tokens in pieces) == len(ids) == streamer.generated
     return pieces
 

@@ -223,15 +223,6 @@ def test_cancel_removes_the_request_from_the_batch(cb_model):
     assert stream.completion_tokens < 1800
 
 
-def test_penalties_act_inside_the_batch_as_they_do_on_hf(cb_model, chat_model):
-    """hf-cb refused penalties before; greedy, both engines now give the same penalised reply."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        params = {"max_tokens": 24, "temperature": 0, "ignore_eos": True, name: 2.0}
-        penalised = "".join(d.text for d in cb_model.stream(MESSAGES, **params))
-        assert penalised == "".join(d.text for d in chat_model.stream(MESSAGES, **params))
-        assert penalised != "".join(d.text for d in cb_model.stream(MESSAGES, **{**params, name: 0.0}))
-
-
 def test_an_engine_failure_ends_the_stream_with_an_error(cb_model):
     def explode(*args, **kwargs):
         raise RuntimeError("injected CB fault")

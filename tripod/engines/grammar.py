@@ -7,9 +7,10 @@ Two rules keep a constrained reply from running on until ``max_tokens`` cuts it 
 
 - the JSON grammar is compact: no whitespace between tokens at all (vLLM's xgrammar bug was a reply of
   ``{\\r  "colour":\\r\\r ...`` that a random or confused model never closed);
-- near the end of the token budget (``CLOSING_MARGIN``) the closing guard narrows the grammar's tokens to the ones
-  that close what is open: quotes and brackets first, then short literal values; a forced key keeps the grammar's
-  own mask (one token), so a reply still finishes valid for its schema.
+- near the end of the token budget (no more left than the grammar's shortest reply plus ``CLOSING_MARGIN``) the
+  closing guard narrows the grammar's tokens to the ones that close what is open: a quote inside a string, else
+  brackets, a required comma, short literal values; where none is allowed (a forced key) the grammar's own mask
+  stays, so a reply still finishes valid for its schema.
 
 Once the grammar is complete only end-of-sequence is allowed, so the engine ends with finish_reason "stop".
 """
