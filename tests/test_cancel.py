@@ -140,7 +140,7 @@ async def test_a_cancel_during_tokenization_still_stops_the_job(chat_model, monk
     """The client leaves while the worker is still preparing the job: the cancel must not be lost."""
     original = chat_model.encode
 
-    def slow_encode(prompt):
+    def slow_encode(prompt, tools=None):
         time.sleep(0.5)
         return original(prompt)
 

@@ -70,7 +70,8 @@ def test_a_bias_of_minus_100_bans_a_token(model):
 
 def test_a_logit_bias_outside_the_vocabulary_is_refused(model):
     with pytest.raises(InvalidRequest) as info:
-        model._start_raw(MESSAGES, SamplingParams(max_tokens=4, logit_bias=((5, 1.0), (2048, 1.0))))
+        vocab_size = model.model.config.vocab_size
+        model._start_raw(MESSAGES, SamplingParams(max_tokens=4, logit_bias=((5, 1.0), (vocab_size, 1.0))))
     assert info.value.param == "logit_bias"
 
 
