@@ -177,3 +177,21 @@ def test_websocket_frames_carry_the_choice_and_logprobs(server):
     assert {delta["index"] for delta in deltas} == {0, 1}
     assert sum(len(delta["logprobs"]) for delta in deltas) == done["usage"]["completion_tokens"] == 8
     assert done["finish_reasons"] == ["length", "length"]
+
+
+def test_websocket_tool_calls_come_as_pieces_and_end_with_tool_calls(server):
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
+    frame = {"type": "chat", "id": 7, "messages": MESSAGES, "tools": [tool], "tool_choice": "required", "seed": 2}
+    with websockets.sync.client.connect(server.ws_url + "/ws/chat/") as socket:
+        socket.send(json.dumps({**frame, "max_tokens": 32}))
+        pieces, done = [], None
+        while done is None:
+            message = json.loads(socket.recv(timeout=60))
+            assert message["type"] != "error", message
+            if message["type"] == "delta":
+                pieces.extend(message.get("tool_calls", []))
+            elif message["type"] == "done":
+                done = message
+    assert done["finish_reason"] == "tool_calls"
+    assert pieces[0]["id"].startswith("call_") and pieces[0]["function"]["name"] == "ping"
+    assert isinstance(json.loads("".join(piece["function"]["arguments"] for piece in pieces)), dict)

@@ -201,3 +201,11 @@ def test_a_stream_interval_below_one_is_refused(settings):
     settings.TRIPOD = {**settings.TRIPOD, "STREAM_INTERVAL": 0}
     with pytest.raises(ImproperlyConfigured, match="TRIPOD_STREAM_INTERVAL must be 1 or more"):
         config()
+
+
+def test_an_unknown_tool_parser_is_refused_at_start(settings):
+    from tripod.conf import config
+
+    settings.TRIPOD = {**settings.TRIPOD, "TOOL_PARSER": "qwen9"}
+    with pytest.raises(ImproperlyConfigured, match="TRIPOD_TOOL_PARSER must be one of hermes, llama3, mistral"):
+        config()

@@ -385,3 +385,46 @@ def test_text_completion_logprobs_are_converted_from_parallel_lists(stand_in, re
 
 def test_the_relay_emits_its_upstreams_choices():
     assert OpenAIRelayModel.emits_choices
+
+
+RELAY_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def _calls(choice) -> list[tuple[str, str]]:
+    return [(call.function.name, call.function.arguments) for call in choice.message.tool_calls or []]
+
+
+def test_tools_n_and_logprobs_pass_through_the_relay_and_redis(relay):
+    """Web process -> Redis -> openai-engine worker -> upstream Tripod and back: the upstream's choices, tool calls
+    and logprobs reach the client as the upstream made them, streamed or not."""
+    upstream, front = relay
+    body = {
+        "messages": MESSAGES,
+        "tools": RELAY_TOOLS,
+        "tool_choice": "required",
+        "n": 2,
+        "seed": 11,
+        "logprobs": True,
+        "max_tokens": 48,
+    }
+    through = openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    direct = openai.OpenAI(base_url=upstream.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    relayed = through.chat.completions.create(model="relayed", **body)
+    expected = direct.chat.completions.create(model="tiny", **body)
+    assert [c.finish_reason for c in relayed.choices] == ["tool_calls", "tool_calls"]
+    assert [_calls(c) for c in relayed.choices] == [_calls(c) for c in expected.choices]
+    assert all(_calls(c) for c in relayed.choices)
+    assert [len(c.logprobs.content) for c in relayed.choices] == [len(c.logprobs.content) for c in expected.choices]
+    assert relayed.usage.completion_tokens == expected.usage.completion_tokens
+    with through.chat.completions.stream(model="relayed", **body) as stream:
+        streamed = stream.get_final_completion()
+    assert [_calls(c) for c in streamed.choices] == [_calls(c) for c in expected.choices]
+    assert [c.finish_reason for c in streamed.choices] == ["tool_calls", "tool_calls"]

@@ -96,6 +96,15 @@ def _stream_interval(value) -> int | str:
         raise ImproperlyConfigured(f"TRIPOD_STREAM_INTERVAL must be 'auto' or 1 or more; it is {value!r}.") from None
 
 
+def _tool_parser(value: str) -> str:
+    """``TRIPOD_TOOL_PARSER``: empty (read from the chat template) or a format of ``tripod/engines/tool_calls.py``."""
+    from tripod.engines.tool_calls import FORMATS
+
+    if value and value not in FORMATS:
+        raise ImproperlyConfigured(f"TRIPOD_TOOL_PARSER must be one of {', '.join(sorted(FORMATS))}; it is {value!r}.")
+    return value
+
+
 def _at_least_one(name: str, value) -> int:
     number = int(value)
     if number < 1:
@@ -128,7 +137,7 @@ def config() -> Config:
         http_idle_timeout=float(raw.get("HTTP_IDLE_TIMEOUT", 30)),
         max_messages=int(raw["MAX_MESSAGES"]),
         max_n=_at_least_one("TRIPOD_MAX_N", raw.get("MAX_N", 8)),
-        tool_parser=raw.get("TOOL_PARSER", ""),
+        tool_parser=_tool_parser(raw.get("TOOL_PARSER", "")),
         queue_timeout=float(raw["QUEUE_TIMEOUT"]),
         event_timeout=float(raw["EVENT_TIMEOUT"]),
         engine_step_timeout=float(raw["ENGINE_STEP_TIMEOUT"]),

@@ -315,7 +315,7 @@ class TokenStream:
         if self._stops.stopped:
             self.raw.cancel()
             self.finish_reason = "stop"
-        if not text and not delta.tool_calls:
+        if not (text or delta.tool_calls or delta.logprobs):  # logprobs go out with their tokens, text or not
             return None
         accepted = Delta(text, self._pending_tokens, tuple(self._pending_logprobs), delta.tool_calls, delta.index)
         self._pending_tokens = 0
