@@ -13,6 +13,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ class Delta:
     @classmethod
     def from_engine(cls, job_id: str, seq: int, delta: EngineDelta) -> Delta:
         """The message for an engine's delta (``tripod.engines.base.Delta``)."""
+        if not (delta.tool_calls or delta.logprobs):  # a plain delta: every streamed token takes this path
+            return cls(job_id, delta.text, delta.tokens, seq, delta.index)
         tool_calls = [dataclasses.asdict(call) for call in delta.tool_calls] or None
         logprobs = [
             {"token": lp.token, "bytes": list(lp.bytes), "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
@@ -133,8 +136,9 @@ class Delta:
 
     def to_engine(self) -> EngineDelta:
         """The engine delta this message carries; a malformed field is a ``ProtocolError``."""
-        from tripod.engines.base import Delta, TokenLogprob, ToolCallDelta
-
+        Delta, TokenLogprob, ToolCallDelta = _engine_types()
+        if self.tool_calls is None and self.logprobs is None:  # a plain delta: every streamed token takes this path
+            return Delta(self.text, int(self.tokens), (), (), int(self.index))
         try:
             calls = tuple(ToolCallDelta(**call) for call in self.tool_calls or ())
             logprobs = tuple(
@@ -217,6 +221,14 @@ class WorkerBeat:
     host: str
     pid: int
     draining: bool
+
+
+@cache
+def _engine_types() -> tuple[type, type, type]:
+    """The engine's delta types, imported once on first use: the settings import this module, not the engines."""
+    from tripod.engines.base import Delta, TokenLogprob, ToolCallDelta
+
+    return Delta, TokenLogprob, ToolCallDelta
 
 
 Message = Job | Started | Delta | Done | Error | Cancel

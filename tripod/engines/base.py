@@ -311,15 +311,18 @@ class TokenStream:
         """One raw delta through the stop sequences: what is safe to emit, with the tokens behind it."""
         text = self._stops.feed(delta.text)
         self._pending_tokens += delta.tokens
-        self._pending_logprobs.extend(delta.logprobs)
+        if delta.logprobs:
+            self._pending_logprobs.extend(delta.logprobs)
         if self._stops.stopped:
             self.raw.cancel()
             self.finish_reason = "stop"
         if not (text or delta.tool_calls or delta.logprobs):  # logprobs go out with their tokens, text or not
             return None
-        accepted = Delta(text, self._pending_tokens, tuple(self._pending_logprobs), delta.tool_calls, delta.index)
+        logprobs = ()
+        if self._pending_logprobs:
+            logprobs, self._pending_logprobs = tuple(self._pending_logprobs), []
+        accepted = Delta(text, self._pending_tokens, logprobs, delta.tool_calls, delta.index)
         self._pending_tokens = 0
-        self._pending_logprobs = []
         return accepted
 
     def _end(self) -> Delta | None:

@@ -112,14 +112,21 @@ class Reply:
             if flushed is not None:
                 yield flushed
 
-    async def deltas_async(self, interval: int | Callable[[], int] = 1, hold: float = 0.0) -> AsyncIterator[Delta]:
+    def deltas_async(self, interval: int | Callable[[], int] = 1, hold: float = 0.0) -> AsyncIterator[Delta]:
         """The choices' deltas as they come (``TokenStream.deltas_async`` merging for each); leaving early (use
-        ``contextlib.aclosing``) cancels every choice."""
+        ``contextlib.aclosing``) cancels every choice.
+
+        One plain choice (the common case) is its stream's own deltas, with no layer between: every streamed token
+        passes here, on the event loop the server shares.
+        """
         if len(self.streams) == 1:
-            async with aclosing(self._choice_deltas(0, interval, hold)) as deltas:
-                async for delta in deltas:
-                    yield delta
-            return
+            if self.parsers[0] is None:
+                return self.streams[0].deltas_async(interval, hold)
+            return self._choice_deltas(0, interval, hold)
+        return self._interleaved(interval, hold)
+
+    async def _interleaved(self, interval: int | Callable[[], int], hold: float) -> AsyncIterator[Delta]:
+        """Several choices' deltas, each choice read by a task of its own."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def pump(index: int) -> None:
