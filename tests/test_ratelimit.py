@@ -147,3 +147,14 @@ async def test_two_web_processes_sharing_redis_keep_the_same_bound(cluster):
     responses = await burst([web.url for web in webs], key)
     admitted = check_burst(responses, 200)
     assert used_tokens(webs[0], key) == admitted
+
+
+def test_a_request_of_n_choices_reserves_each_choices_budget():
+    from tripod.accounts.ratelimit import reservation
+    from tripod.protocol import parse_chat_request
+
+    one = parse_chat_request(chat_body(max_tokens=50), max_messages=8)
+    three = parse_chat_request(chat_body(max_tokens=50, n=3), max_messages=8)
+    (reserve_one, least_one), (reserve_three, least_three) = reservation(one), reservation(three)
+    assert reserve_three - reserve_one == 2 * 50  # the prompt counts once
+    assert least_three == 3 * least_one
