@@ -428,3 +428,5 @@ def test_tools_n_and_logprobs_pass_through_the_relay_and_redis(relay):
         streamed = stream.get_final_completion()
     assert [_calls(c) for c in streamed.choices] == [_calls(c) for c in expected.choices]
     assert [c.finish_reason for c in streamed.choices] == ["tool_calls", "tool_calls"]
+    one = through.chat.completions.create(model="relayed", **{**body, "n": 1})
+    assert one.choices[0].finish_reason == "tool_calls" and _calls(one.choices[0])  # the upstream's, not "stop"

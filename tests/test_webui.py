@@ -19,6 +19,7 @@ import httpx
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 import run_webui
 from tests.browser import chromium_browser
@@ -228,6 +229,25 @@ def _reply_or_error(tab, index: int) -> str:
     return tab.locator("[data-testid=bot]").nth(index).inner_text()
 
 
+def _set_max_tokens(tab, value: str) -> None:
+    """Type ``value`` into the max_tokens box until Gradio holds it: the slider's range input shows a value once
+    Gradio took it into its state, and a message sent before that would still carry 256. A box typed into while the
+    accordion still renders can lose the value, so it is typed again (a few times at most)."""
+    box = tab.locator("#max-tokens input[type=number]")
+    for _ in range(5):
+        box.fill(value)
+        box.press("Enter")
+        box.blur()
+        try:
+            tab.wait_for_function(
+                "v => document.querySelector('#max-tokens input[type=range]').value === v", arg=value, timeout=3000
+            )
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"Gradio never took max_tokens={value}")
+
+
 @ON_ONE_ENGINE
 def test_a_person_chats_in_chromium_before_and_after_opening_sampling(server, page, chromium):
     url, webui = page
@@ -251,14 +271,7 @@ def test_a_person_chats_in_chromium_before_and_after_opening_sampling(server, pa
         seed = tab.locator("#seed textarea, #seed input").first
         seed.wait_for()
         assert seed.input_value() == ""
-        max_tokens = tab.locator("#max-tokens input[type=number]")
-        max_tokens.fill("8")
-        max_tokens.press("Enter")
-        max_tokens.blur()
-        # Gradio takes the number box's value into its state asynchronously; the slider's range input shows it
-        # once taken, and a message sent before that would still carry 256.
-        tab.locator("#max-tokens input[type=range]").first.wait_for()
-        tab.wait_for_function("() => document.querySelector('#max-tokens input[type=range]').value === '8'")
+        _set_max_tokens(tab, "8")
         box.fill("And again?")
         box.press("Enter")
         assert _reply_or_error(tab, 1)

@@ -452,7 +452,7 @@ class ChatModel:
 
         limits = {"max_prompt_tokens": max_prompt_tokens, "max_tokens_cap": max_tokens_cap}
         if self.emits_choices:
-            return Reply([self.start(prompt, params, **limits)], [None], choices=params.n)
+            return Reply([self.start(prompt, params, **limits)], [None], relayed_choices=params.n)
         if params.tools is not None and self.tool_format is None:
             raise InvalidRequest(
                 f"The model '{self.model_name}' has no tool-call format: its chat template renders no tools. Set "

@@ -25,11 +25,13 @@ class Reply:
     """Every choice of one request: ``deltas_async()`` interleaves them, each delta naming its choice (``index``)."""
 
     def __init__(
-        self, streams: list[TokenStream], parsers: list[ToolCallParser | None], choices: int | None = None
+        self, streams: list[TokenStream], parsers: list[ToolCallParser | None], relayed_choices: int | None = None
     ) -> None:
         self.streams = streams
         self.parsers = parsers
-        self.choices = choices or len(streams)
+        # A relay's one stream carries every choice, each delta naming its own (ChatModel.emits_choices).
+        self.relayed = relayed_choices is not None
+        self.choices = relayed_choices or len(streams)
 
     @property
     def prompt_tokens(self) -> int:
@@ -54,12 +56,12 @@ class Reply:
     @property
     def finish_reasons(self) -> list[str | None]:
         """Each choice's finish reason (None: cancelled); "tool_calls" for a choice that ended in tool calls."""
-        if len(self.streams) == 1 and self.choices > 1:  # a relay's upstream made them
+        if self.relayed:  # the upstream named each choice's end ("tool_calls" included)
             stream = self.streams[0]
-            reasons = stream.raw.finish_reasons or {}
-            if stream.finish_reason is None and stream.raw.cancel_event.is_set():
+            if stream.finish_reason is None:  # cancelled
                 return [None] * self.choices
-            return [reasons.get(i, stream.finish_reason if i == 0 else None) for i in range(self.choices)]
+            reasons = stream.raw.finish_reasons or {}
+            return [reasons.get(i, stream.finish_reason) for i in range(self.choices)]
         reasons = []
         for stream, parser in zip(self.streams, self.parsers, strict=True):
             reason = stream.finish_reason
@@ -99,7 +101,7 @@ class Reply:
 
     def _own_index(self, index: int) -> int | None:
         """The choice a stream's deltas belong to: its position, or (relay) what each delta says."""
-        return None if self.choices > len(self.streams) else index
+        return None if self.relayed else index
 
     def __iter__(self) -> Iterator[Delta]:
         """Every choice's deltas, one choice after the other (for callers without an event loop)."""
