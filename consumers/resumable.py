@@ -74,6 +74,8 @@ async def _produce(job: GenerationJob, stream_id: str, store: streams.StreamStor
     async with job:
         try:
             try:
+                for chunk in builder.opening(request.params.n):
+                    await put(compact_json(chunk))
                 async for delta in job.deltas(tick=READER_CHECK_SECONDS):
                     if delta is not None and (delta.text or delta.tool_calls or delta.logprobs):
                         await put(builder.render(delta))

@@ -32,6 +32,8 @@ async def event_stream(job: GenerationJob) -> AsyncIterator[bytes]:
     builder = ChunkBuilder(request.kind, job.model, request.include_usage, request.params.logprobs)
     try:
         try:
+            for chunk in builder.opening(request.params.n):
+                yield frame(chunk)
             async for delta in job.deltas(tick=config().sse_keepalive):
                 if delta is None:
                     yield KEEPALIVE

@@ -8,6 +8,7 @@ import json
 import openai
 import pytest
 import websockets.sync.client
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 
@@ -56,8 +57,14 @@ def test_streamed_n_choices_carry_their_index_and_match_the_whole_reply(client):
                 finished[choice.index] = choice.finish_reason
     assert texts == {c.index: c.message.content for c in whole.choices}
     assert finished == {0: "length", 1: "length"}
-    assert sorted(roles) == [0, 1]  # each choice's first delta says who speaks
+    assert roles == [0, 1]  # each choice's role first, in index order, whichever choice speaks first
     assert usage.completion_tokens == 16
+    # The SDK's own accumulator (its stream helper's) needs choice 0 first.
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(**body, stream=True):
+        state.handle_chunk(chunk)
+    snapshot = state.current_completion_snapshot
+    assert [c.message.content for c in snapshot.choices] == [c.message.content for c in whole.choices]
 
 
 def test_text_completions_take_n_and_logprobs(client):

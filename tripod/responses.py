@@ -207,6 +207,14 @@ class ChunkBuilder:
         self._offsets[index] = self._offsets.get(index, 0) + len(text)
         return self._chunk({"index": index, "text": text, "logprobs": rendered, "finish_reason": None})
 
+    def opening(self, choices: int) -> list[dict[str, Any]]:
+        """The chunks a stream of several chat choices starts with: each choice's role, in index order (as vLLM
+        sends them), so that a client's accumulator meets choice 0 first whichever choice speaks first (the openai
+        SDK's stream helper fails otherwise). One choice needs none: its first delta carries the role."""
+        if self.kind != "chat" or choices < 2:
+            return []
+        return [self.delta("", index) for index in range(choices)]
+
     def render(self, delta: Delta) -> str:
         """The JSON of the chunk for an engine delta: the fast path for plain text of the first choice."""
         if delta.index == 0 and not delta.tool_calls and not self.logprobs:
