@@ -140,6 +140,17 @@ def chat_model():
     return get_chat_model()
 
 
+@pytest.fixture(scope="module")
+def cb_model(chat_model):
+    """An in-process ``hf-cb`` engine on the same tiny model, one per test module (its batching thread stops after)."""
+    from tripod.engines import ChatModel
+
+    model = ChatModel(engine="hf-cb", model_name="tiny", path=chat_model.tokenizer.name_or_path)
+    model.load()
+    yield model
+    model.manager.stop(block=True)
+
+
 def chat_body(content: str = "Hello there, how are you?", **params) -> dict:
     """A chat request for the tiny model. ``ignore_eos`` by default: its random weights sample an end-of-text
     token now and then, and tests that count tokens must not depend on that luck."""

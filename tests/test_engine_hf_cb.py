@@ -24,14 +24,6 @@ from tripod.errors import EngineFailure
 MESSAGES = [{"role": "user", "content": "Tell me about rivers."}]
 
 
-@pytest.fixture(scope="module")
-def cb_model(chat_model):
-    model = ChatModel(engine="hf-cb", model_name="tiny", path=chat_model.tokenizer.name_or_path)
-    model.load()
-    yield model
-    model.manager.stop(block=True)
-
-
 def text_of(model, **params) -> str:
     return model.generate(MESSAGES, **params)["choices"][0]["message"]["content"]
 

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import pytest
 
-from tripod.engines import ChatModel
 from tripod.engines.grammar import (
     ModelGrammars,
     request_grammar,
@@ -52,14 +51,6 @@ class TaggedCalls:
             "x-guidance": {"whitespace_flexible": False},
         }
         return f'start: "<tool_call>" call "</tool_call>"\ncall: %json {json.dumps(schema)}\n'
-
-
-@pytest.fixture(scope="module")
-def cb_model(chat_model):
-    model = ChatModel(engine="hf-cb", model_name="tiny", path=chat_model.tokenizer.name_or_path)
-    model.load()
-    yield model
-    model.manager.stop(block=True)
 
 
 @pytest.fixture(params=["hf", "hf-cb"])

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tripod.engines import ChatModel
 from tripod.engines.hf_cb_adjustments import BatchAdjustments, RequestAdjustments
 from tripod.engines.hf_cb_sampling import RequestSampling, run_adjusted_batches_eagerly
 from tripod.engines.logprobs import TokenTexts
@@ -17,14 +16,6 @@ from tripod.errors import InvalidRequest
 from tripod.protocol import ResponseFormat, SamplingParams
 
 MESSAGES = [{"role": "user", "content": "Tell me about rivers."}]
-
-
-@pytest.fixture(scope="module")
-def cb_model(chat_model):
-    model = ChatModel(engine="hf-cb", model_name="tiny", path=chat_model.tokenizer.name_or_path)
-    model.load()
-    yield model
-    model.manager.stop(block=True)
 
 
 @pytest.fixture(params=["hf", "hf-cb"])
