@@ -17,10 +17,9 @@ import threading
 import time
 from typing import Any
 
-from tripod.bench.direct import load_engine
+from tripod.bench.direct import load_engine, time_generation
 from tripod.bench.metrics import RequestResult, summarize
 from tripod.bench.prompts import build_prompts
-from tripod.bench.transports import describe
 from tripod.protocol import ResponseFormat, SamplingParams
 
 SCHEMA = {
@@ -37,32 +36,6 @@ SCHEMA = {
 RESPONSE_FORMAT = ResponseFormat("json_schema", json.dumps(SCHEMA), name="product")
 
 
-def stream_one(chat_model, prompt: str, params: SamplingParams) -> tuple[RequestResult, str]:
-    """Time one generation as ``direct.run_one`` does, keeping its text."""
-    result, pieces = RequestResult(), []
-    started = time.perf_counter()
-    last = None
-    try:
-        stream = chat_model.start([{"role": "user", "content": prompt}], params)
-        for delta in stream:
-            if not delta.text:
-                continue
-            now = time.perf_counter()
-            if last is None:
-                result.ttft = now - started
-            else:
-                result.itl.append(now - last)
-            last = now
-            pieces.append(delta.text)
-            result.content_pieces += 1
-        result.prompt_tokens, result.output_tokens = stream.prompt_tokens, stream.completion_tokens
-        result.ok = True
-    except Exception as exc:  # noqa: BLE001 - a failure is a counted result
-        result.error = describe(exc)
-    result.e2el = time.perf_counter() - started
-    return result, "".join(pieces)
-
-
 def run_load(chat_model, prompts: list[str], params: list[SamplingParams], mate: SamplingParams | None = None):
     """Every prompt at once, one thread each; with ``mate``, constrained requests back to back beside them."""
     outcomes: list[tuple[RequestResult, str] | None] = [None] * len(prompts)
@@ -70,11 +43,11 @@ def run_load(chat_model, prompts: list[str], params: list[SamplingParams], mate:
     mate_texts: list[str] = []
 
     def run(i: int) -> None:
-        outcomes[i] = stream_one(chat_model, prompts[i], params[i])
+        outcomes[i] = time_generation(chat_model, prompts[i], params[i])
 
     def keep_a_mate() -> None:
         while not done.is_set():
-            mate_texts.append(stream_one(chat_model, prompts[0], mate)[1])
+            mate_texts.append(time_generation(chat_model, prompts[0], mate)[1])
 
     mate_thread = threading.Thread(target=keep_a_mate, daemon=True) if mate is not None else None
     if mate_thread is not None:

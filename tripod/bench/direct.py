@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from tripod.bench.metrics import RequestResult
 from tripod.bench.transports import describe
+from tripod.protocol import SamplingParams
 
 if TYPE_CHECKING:
     from tripod.engines import ChatModel
@@ -69,21 +70,13 @@ class FairSlots:
             self._condition.notify_all()
 
 
-def run_one(
-    chat_model: ChatModel, prompt: str, output_len: int, ignore_eos: bool, temperature: float, seed: int | None
-) -> RequestResult:
-    """Time one generation; the caller holds a slot for it."""
-    result = RequestResult()
+def time_generation(chat_model: ChatModel, prompt: str, params: SamplingParams) -> tuple[RequestResult, str]:
+    """Time one generation of ``prompt`` under ``params`` as a client times frames, and keep its text."""
+    result, pieces = RequestResult(), []
     started = time.perf_counter()
     last = None
     try:
-        stream = chat_model.stream(
-            [{"role": "user", "content": prompt}],
-            max_tokens=output_len,
-            ignore_eos=ignore_eos,
-            temperature=temperature,
-            seed=seed,
-        )
+        stream = chat_model.start([{"role": "user", "content": prompt}], params)
         for delta in stream:
             if not delta.text:
                 continue
@@ -93,6 +86,7 @@ def run_one(
             else:
                 result.itl.append(now - last)
             last = now
+            pieces.append(delta.text)
             result.content_pieces += 1
         result.prompt_tokens = stream.prompt_tokens
         result.output_tokens = stream.completion_tokens
@@ -100,7 +94,15 @@ def run_one(
     except Exception as exc:  # noqa: BLE001 - every failure is a counted result, never a crash
         result.error = describe(exc)
     result.e2el = time.perf_counter() - started
-    return result
+    return result, "".join(pieces)
+
+
+def run_one(
+    chat_model: ChatModel, prompt: str, output_len: int, ignore_eos: bool, temperature: float, seed: int | None
+) -> RequestResult:
+    """Time one generation; the caller holds a slot for it."""
+    params = SamplingParams(max_tokens=output_len, ignore_eos=ignore_eos, temperature=temperature, seed=seed)
+    return time_generation(chat_model, prompt, params)[0]
 
 
 def run_threads(
