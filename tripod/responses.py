@@ -146,15 +146,6 @@ class ReplyText:
         }
 
 
-def chat_completion(
-    *, model: str, text: str, finish_reason: str | None, usage: dict[str, int], id: str | None = None
-) -> dict[str, Any]:
-    """A one-choice ``chat.completion`` of plain text."""
-    reply = ReplyText()
-    reply.add(Delta(text, 0))
-    return reply.completion("chat", model=model, finish_reasons=[finish_reason], usage=usage, id=id)
-
-
 class ChunkBuilder:
     """Frames one stream's chunks; each choice's first chat delta carries the role, as OpenAI's do."""
 
